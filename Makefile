@@ -1,0 +1,38 @@
+# The whole set-up on a fresh machine is `make test` or `make demo`: each creates .venv when missing
+# and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: install test lint docs demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[test,docs,demo,timm,lora]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check lightning_robustft tests benchmarks scripts
+	$(BIN)/ruff format --check lightning_robustft tests benchmarks scripts
+
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
+test: install lint docs
+	$(BIN)/pytest -q
+
+demo: install
+	$(BIN)/robustft fit --config configs/demo.yaml
+
+bench: install
+	$(BIN)/python benchmarks/gmixout.py
+
+clean:
+	rm -rf $(VENV) site lightning_logs robustft_logs .pytest_cache

@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin glue over :mod:`lightning_robustft.ops`."""

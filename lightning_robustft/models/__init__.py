@@ -1,0 +1,1 @@
+"""The image-classification LightningModule and its backbone factory."""

@@ -1,0 +1,1 @@
+"""Pure tensor functions (no Lightning): fused Mixout passes and state-dict interpolation."""
