@@ -1,1 +1,5 @@
 """Data modules and datasets: ID + named OOD sets, and the embedded demo shift."""
+
+from lightning_robustft.data.multi_domain import MultiDomainDataModule
+
+__all__ = ["MultiDomainDataModule"]

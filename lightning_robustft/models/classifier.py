@@ -1,0 +1,300 @@
+"""``ImageClassifier``: a backbone plus a linear ``head``, with per-set metrics for ID and several OOD sets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.metrics import (
+    OOD_AVERAGE,
+    MetricName,
+    format_results_table,
+    make_metric_collection,
+    ood_average,
+    restrict_to_subset,
+    sanitize_set_name,
+)
+from lightning_robustft.models.backbones import build_backbone
+from lightning_robustft.models.schedules import warmup_cosine
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+class ImageClassifier(LightningModule):
+    """Fine-tune an image backbone with a linear head; validate on an ID set and any number of named OOD sets.
+
+    The model is always a plain ``backbone -> (normalise for CLIP) -> head``: robust fine-tuning methods come as
+    callbacks that leave this structure untouched, so the fine-tuned checkpoint loads into this class (or any code
+    that rebuilds it) with no wrapper modules.
+
+    Validation sets are named. Each has its own metric objects (so sets never mix and each syncs across DDP ranks),
+    is logged as ``val/<set>/<metric>`` and, for every set but the ID one, enters ``val/ood_avg/<metric>``. The names
+    come from ``val_sets`` or, when it is ``None``, from the data module's ``val_set_names`` (or the keys of the dict
+    that ``val_dataloader()`` returns) at ``setup``.
+
+    Args:
+        backbone: a spec string (``open_clip:ViT-B-32:openai``, ``timm:<name>[:random]``,
+            ``torchvision:<name>[:<weights>|random]``) or an ``nn.Module`` mapping images to features.
+        num_classes: number of classes; inferred from ``class_names`` when given.
+        class_names: class names, in label order (needed for ``head_init="zeroshot"``).
+        head_init: ``"random"`` (a freshly initialised linear head) or ``"zeroshot"`` (CLIP's zero-shot classifier
+            built from ``class_names`` x ``templates``: the starting point of WiSE-FT / FLYP-style fine-tuning).
+        templates: prompt templates with a ``{}`` for the class name, for the zero-shot head.
+        feature_dim: feature width of a backbone given as a module, when it cannot be read from the module.
+        val_sets: names of the validation sets, in the order of the validation dataloaders.
+        id_set: the in-distribution validation set (default: the first one); every other set is OOD.
+        class_subsets: ``{set name: [class indices]}`` for sets that cover only some classes; they are scored among
+            those classes (the logits of other classes are ignored). Labels stay indexed in the full class list.
+        metrics: metrics per set besides top-1 ``acc``: ``acc5``, ``macro_acc``, ``macro_f1``.
+        label_smoothing: label smoothing of the training cross-entropy.
+        optimizer: an optimizer factory (LightningCLI ``OptimizerCallable``); default AdamW with ``lr`` and
+            ``weight_decay`` (no decay on biases and norm parameters).
+        lr_scheduler: a scheduler factory; default: linear warm-up over ``warmup_steps`` then cosine decay to zero,
+            stepped every optimizer step.
+        lr: learning rate of the default optimizer.
+        weight_decay: weight decay of the default optimizer.
+        warmup_steps: warm-up of the default schedule, in optimizer steps (an ``int``) or as a fraction of all
+            steps (a ``float`` in ``[0, 1)``).
+        freeze_backbone: train the head only (linear probing).
+        print_table: print a per-set table at the end of each validation (rank zero, not during the sanity check).
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "open_clip:ViT-B-32:openai",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        head_init: str = "random",
+        templates: list[str] | None = None,
+        feature_dim: int | None = None,
+        val_sets: list[str] | None = None,
+        id_set: str | None = None,
+        class_subsets: dict[str, list[int]] | None = None,
+        metrics: list[MetricName] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        warmup_steps: int | float = 0.1,
+        freeze_backbone: bool = False,
+        print_table: bool = True,
+    ) -> None:
+        super().__init__()
+        ignored = ["optimizer", "lr_scheduler", *(["backbone"] if isinstance(backbone, nn.Module) else [])]
+        self.save_hyperparameters(ignore=ignored)
+        num_classes = _resolve_num_classes(num_classes, class_names)
+        if head_init not in ("random", "zeroshot"):
+            raise RobustFTConfigError(f"`head_init`={head_init!r}; allowed: 'random', 'zeroshot'.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise RobustFTConfigError(f"`label_smoothing`={label_smoothing} must be in [0, 1).")
+        if (isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0) or warmup_steps < 0:
+            raise RobustFTConfigError(
+                f"`warmup_steps`={warmup_steps}: give a number of steps (int >= 0) or a fraction in [0, 1) (float)."
+            )
+
+        built = build_backbone(backbone, feature_dim)
+        self.backbone = built.module
+        self.head = nn.Linear(built.feature_dim, num_classes)
+        self.normalize_features = built.normalize_features
+        self.train_transform = built.train_transform
+        self.eval_transform = built.eval_transform
+        if head_init == "zeroshot":
+            self._init_zeroshot_head(built.zeroshot_weights, class_names, templates or list(DEFAULT_TEMPLATES))
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+        self.num_classes = num_classes
+        self.metric_names = list(metrics or ["acc"])
+        self.val_set_names: list[str] = list(val_sets or [])
+        self.id_set = id_set
+        self.class_subsets = {name: sorted(idx) for name, idx in (class_subsets or {}).items()}
+        self._check_subsets()
+        self.val_metrics = nn.ModuleDict()
+        self.test_metrics = nn.ModuleDict()
+        self._add_metrics(self.val_metrics, self.val_set_names)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+    # ------------------------------------------------------------------ model
+    def _init_zeroshot_head(self, zeroshot_weights: Any, class_names: list[str] | None, templates: list[str]) -> None:
+        if zeroshot_weights is None:
+            raise RobustFTConfigError(
+                "`head_init='zeroshot'` needs a CLIP backbone ('open_clip:<model>:<pretrained>'); this backbone has no "
+                "text tower. Use head_init='random'."
+            )
+        if not class_names:
+            raise RobustFTConfigError("`head_init='zeroshot'` needs `class_names` (the names used in the prompts).")
+        if any("{}" not in t for t in templates):
+            raise RobustFTConfigError(f"Every template needs a '{{}}' for the class name; got {templates}.")
+        weights = zeroshot_weights(class_names, templates)
+        with torch.no_grad():
+            self.head.weight.copy_(weights)
+            self.head.bias.zero_()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (the head's input): L2-normalised for CLIP backbones, as CLIP's classifier expects."""
+        features = self.backbone(x)
+        return F.normalize(features, dim=-1) if self.normalize_features else features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over all classes."""
+        return self.head(self.features(x))
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on one batch; logs ``train/loss`` and ``train/acc``."""
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(-1) == y).float().mean())
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """The injected optimizer / scheduler factories, or AdamW + warm-up cosine by default."""
+        groups = _decay_groups(self)
+        if not groups:
+            raise RobustFTConfigError("No parameter requires gradients: nothing to optimise.")
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+            warmup = self.hparams.warmup_steps
+            warmup = int(warmup * total) if isinstance(warmup, float) else int(warmup)
+            scheduler = warmup_cosine(optimizer, warmup_steps=min(warmup, max(total - 1, 0)), total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------- evaluation
+    def setup(self, stage: str) -> None:
+        """Take set names and class subsets from the data module when they were not given to the constructor."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            if not self.val_set_names:
+                self.val_set_names = list(getattr(datamodule, "val_set_names", []) or [])
+            if self.id_set is None:
+                self.id_set = getattr(datamodule, "id_set", None)
+            if not self.class_subsets:
+                self.class_subsets = dict(getattr(datamodule, "class_subsets", {}) or {})
+                self._check_subsets()
+        self._add_metrics(self.val_metrics, self.val_set_names)
+        self._add_metrics(self.test_metrics, list(getattr(datamodule, "test_set_names", []) or []))
+
+    def _add_metrics(self, store: nn.ModuleDict, names: Sequence[str]) -> None:
+        for name in names:
+            key = sanitize_set_name(name)
+            if key not in store:
+                num_classes = len(self.class_subsets.get(name, ())) or self.num_classes
+                store[key] = make_metric_collection(num_classes, self.metric_names).to(self.device)
+
+    def _check_subsets(self) -> None:
+        for name, subset in self.class_subsets.items():
+            bad = [i for i in subset if not 0 <= i < self.num_classes]
+            if bad or len(set(subset)) != len(subset):
+                raise RobustFTConfigError(
+                    f"`class_subsets[{name!r}]` must hold distinct class indices in [0, {self.num_classes}); got {bad}."
+                )
+
+    def _set_names(self, stage: str) -> list[str]:
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        if isinstance(loaders, Mapping):
+            return list(loaders)
+        names = self.val_set_names if stage == "val" else list(getattr(self.trainer.datamodule, "test_set_names", []))
+        count = len(loaders) if isinstance(loaders, Sequence) else 1
+        return names[:count] if len(names) >= count else [f"{stage}_{i}" for i in range(count)]
+
+    def update_val_metrics(self, set_name: str, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of logits to a set's validation metrics (restricted to the set's class subset, if any)."""
+        self._update(self.val_metrics, set_name, logits, target)
+
+    def compute_val_metrics(self, set_name: str) -> dict[str, float]:
+        """Compute (synced across ranks) and reset a set's validation metrics."""
+        return _compute_and_reset(self.val_metrics[sanitize_set_name(set_name)])
+
+    def _update(self, store: nn.ModuleDict, set_name: str, logits: torch.Tensor, target: torch.Tensor) -> None:
+        key = sanitize_set_name(set_name)
+        if key not in store:
+            self._add_metrics(store, [set_name])
+        if set_name in self.class_subsets:
+            subset = torch.as_tensor(self.class_subsets[set_name], device=logits.device)
+            logits, target = restrict_to_subset(logits, target, subset)
+        store[key].update(logits, target)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Score one batch of the ``dataloader_idx``-th validation set."""
+        x, y = batch
+        self._update(self.val_metrics, self._set_names("val")[dataloader_idx], self(x), y)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Score one batch of the ``dataloader_idx``-th test set."""
+        x, y = batch
+        self._update(self.test_metrics, self._set_names("test")[dataloader_idx], self(x), y)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities for a batch of images (``(x, y)`` or ``x``)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(-1)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/<set>/<metric>`` for every set and ``val/ood_avg/<metric>``; print the table."""
+        self._log_results("val", self.val_metrics, self._set_names("val"))
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/<set>/<metric>`` for every set and ``test/ood_avg/<metric>``; print the table."""
+        self._log_results("test", self.test_metrics, self._set_names("test"))
+
+    def _log_results(self, stage: str, store: nn.ModuleDict, names: list[str]) -> None:
+        results = {name: _compute_and_reset(store[sanitize_set_name(name)]) for name in names}
+        id_set = self.id_set if self.id_set in results else (names[0] if names else None)
+        logged = {f"{stage}/{name}/{metric}": value for name, row in results.items() for metric, value in row.items()}
+        for metric in self.metric_names if results else []:
+            average = ood_average(results, id_set or "", metric)
+            if average is not None:
+                logged[f"{stage}/{OOD_AVERAGE}/{metric}"] = average
+        # Values are already synced by torchmetrics; sync_dist only silences Lightning's epoch-level warning.
+        self.log_dict(logged, sync_dist=True, add_dataloader_idx=False)
+        if self.hparams.print_table and results and not self.trainer.sanity_checking:
+            title = f"{stage} results (epoch {self.current_epoch}, step {self.global_step})"
+            rank_zero_info("\n" + format_results_table(results, id_set, title))
+
+
+def _resolve_num_classes(num_classes: int | None, class_names: list[str] | None) -> int:
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise RobustFTConfigError(
+            f"`num_classes`={num_classes} disagrees with len(class_names)={len(class_names)}; give one or make them agree."
+        )
+    resolved = len(class_names) if class_names is not None else num_classes
+    if resolved is None or resolved < 2:
+        raise RobustFTConfigError(f"Give `num_classes` (>= 2) or `class_names`; got num_classes={num_classes}.")
+    return resolved
+
+
+def _compute_and_reset(collection: Any) -> dict[str, float]:
+    values = {name: float(value) for name, value in collection.compute().items()}
+    collection.reset()
+    return values
+
+
+def _decay_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """Parameter groups with no weight decay on biases, norms and scales (decaying them hurts fine-tuning).
+
+    The decayed group carries no ``weight_decay`` key, so an injected optimizer's own ``weight_decay`` applies.
+    """
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
