@@ -43,10 +43,7 @@ def folder_classes(set_name: str, root: str | os.PathLike) -> list[str]:
 
 
 def _has_image(folder: Path) -> bool:
-    for _, _, files in os.walk(folder):
-        if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
-            return True
-    return False
+    return any(name.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(folder) for name in files)
 
 
 def source_classes(set_name: str, source: SetSource) -> list[str] | None:

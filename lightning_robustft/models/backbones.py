@@ -1,4 +1,4 @@
-"""Backbone factory: a spec string (or a module) -> image feature extractor, its transforms and, for CLIP, its text side.
+"""Backbone factory: a spec string (or a module) -> image feature extractor, its transforms, CLIP's text side.
 
 Spec strings name where the weights come from, so a YAML file can switch families without code:
 

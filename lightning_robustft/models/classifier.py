@@ -273,7 +273,7 @@ class ImageClassifier(LightningModule):
 def _resolve_num_classes(num_classes: int | None, class_names: list[str] | None) -> int:
     if class_names is not None and num_classes is not None and len(class_names) != num_classes:
         raise RobustFTConfigError(
-            f"`num_classes`={num_classes} disagrees with len(class_names)={len(class_names)}; give one or make them agree."
+            f"`num_classes`={num_classes} disagrees with len(class_names)={len(class_names)}: give one of them."
         )
     resolved = len(class_names) if class_names is not None else num_classes
     if resolved is None or resolved < 2:

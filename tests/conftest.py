@@ -1,0 +1,57 @@
+"""Shared fixtures. Environment first: no hub downloads, and Triton kernels interpreted on the CPU.
+
+``TRITON_INTERPRET`` must be set before any ``@triton.jit`` decorator runs; the kernels are imported lazily, so
+setting it here (before any test module imports them) is enough. ``setdefault`` lets a GPU run say ``0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+
+class TinyBackbone(nn.Module):
+    """A few-thousand-parameter image encoder for fast module tests."""
+
+    num_features = 8
+
+    def __init__(self, image_size: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(8))
+        self.net(torch.zeros(1, 3, image_size, image_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def write_image_folder(root: Path, classes: list[str], per_class: int = 4, size: int = 16, seed: int = 0) -> Path:
+    """Write random RGB PNGs in ImageFolder layout; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folders(tmp_path: Path) -> dict[str, Path]:
+    """train / id / two OOD folders over classes a, b, c; ``ood_subset`` covers only a and c."""
+    classes = ["a", "b", "c"]
+    return {
+        "train": write_image_folder(tmp_path / "train", classes, seed=0),
+        "id": write_image_folder(tmp_path / "id", classes, seed=1),
+        "ood_full": write_image_folder(tmp_path / "ood_full", classes, seed=2),
+        "ood_subset": write_image_folder(tmp_path / "ood_subset", ["a", "c"], seed=3),
+    }
