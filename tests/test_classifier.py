@@ -1,0 +1,118 @@
+import logging
+
+import lightning as L
+import pytest
+import torch
+from conftest import TinyBackbone
+
+from lightning_robustft import ImageClassifier, MultiDomainDataModule, RobustFTConfigError
+
+
+def fit_tiny(folders, tmp_path, **model_kwargs):
+    val = {"id": folders["id"], "ood_full": folders["ood_full"], "ood_subset": folders["ood_subset"]}
+    dm = MultiDomainDataModule(folders["train"], val, batch_size=4, num_workers=0)
+    model = ImageClassifier(TinyBackbone(), class_names=dm.class_names, lr=1e-2, **model_kwargs)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    return trainer, model
+
+
+def test_plain_trainer_logs_named_sets_and_ood_average(image_folders, tmp_path):
+    trainer, model = fit_tiny(image_folders, tmp_path, metrics=["acc", "macro_acc"])
+    val_keys = {k for k in trainer.callback_metrics if k.startswith("val/")}
+    expected = {f"val/{s}/{m}" for s in ("id", "ood_full", "ood_subset", "ood_avg") for m in ("acc", "macro_acc")}
+    assert val_keys == expected
+    assert not any("dataloader_idx" in k for k in trainer.callback_metrics)
+    metrics = trainer.callback_metrics
+    mean = (metrics["val/ood_full/acc"] + metrics["val/ood_subset/acc"]) / 2
+    assert metrics["val/ood_avg/acc"] == pytest.approx(float(mean))
+    # Names and subsets came from the data module; the subset set was scored on 2 classes.
+    assert model.val_set_names == ["id", "ood_full", "ood_subset"]
+    assert model.val_metrics["ood_subset"]["acc"].num_classes == 2
+
+
+def test_validation_prints_a_table(image_folders, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        fit_tiny(image_folders, tmp_path)
+    text = caplog.text
+    assert "val results (epoch 0" in text
+    for row in ("id ", "ood_full", "ood_subset", "ood_avg"):
+        assert row in text
+
+
+def test_subset_set_is_scored_among_its_classes():
+    model = ImageClassifier(TinyBackbone(), num_classes=3, val_sets=["r"], class_subsets={"r": [0, 2]})
+    # Class 1 wins overall, but the set only covers 0 and 2: both predictions are right within the subset.
+    logits = torch.tensor([[0.0, 9.0, 1.0], [1.0, 9.0, 0.0]])
+    model.update_val_metrics("r", logits, torch.tensor([2, 0]))
+    assert model.compute_val_metrics("r")["acc"] == pytest.approx(1.0)
+
+
+def test_constructor_errors():
+    with pytest.raises(RobustFTConfigError, match="unknown kind 'foo'"):
+        ImageClassifier("foo:bar", num_classes=3)
+    with pytest.raises(RobustFTConfigError, match="not a backbone spec"):
+        ImageClassifier("resnet50", num_classes=3)
+    with pytest.raises(RobustFTConfigError, match="needs a CLIP backbone"):
+        ImageClassifier(TinyBackbone(), class_names=["a", "b"], head_init="zeroshot")
+    with pytest.raises(RobustFTConfigError, match="disagrees"):
+        ImageClassifier(TinyBackbone(), num_classes=3, class_names=["a", "b"])
+    with pytest.raises(RobustFTConfigError, match="head_init"):
+        ImageClassifier(TinyBackbone(), num_classes=3, head_init="zero")
+    with pytest.raises(RobustFTConfigError, match=r"class_subsets\['r'\]"):
+        ImageClassifier(TinyBackbone(), num_classes=3, class_subsets={"r": [0, 5]})
+    with pytest.raises(RobustFTConfigError, match="feature_dim"):
+        ImageClassifier(torch.nn.Flatten(), num_classes=3)
+
+
+def test_unknown_open_clip_model_is_a_clear_error():
+    with pytest.raises(RobustFTConfigError, match="open_clip has no model 'ViT-Nope'"):
+        ImageClassifier("open_clip:ViT-Nope", num_classes=3)
+
+
+@pytest.mark.parametrize(("spec", "width"), [("torchvision:resnet18:random", 512), ("timm:test_resnet:random", None)])
+def test_torchvision_and_timm_backbones_give_features(spec, width):
+    model = ImageClassifier(spec, num_classes=4)
+    if width is not None:
+        assert model.head.in_features == width
+    assert model.eval_transform is not None
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_default_optimizer_and_warmup_cosine_schedule(image_folders, tmp_path):
+    model = ImageClassifier(TinyBackbone(), num_classes=3, lr=0.1, weight_decay=0.05, warmup_steps=3)
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False)
+    model.trainer = trainer
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and all(p.ndim >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1 / 4)
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[3] == pytest.approx(0.1)
+    assert lrs[3:] == sorted(lrs[3:], reverse=True) and lrs[-1] < 0.01
+
+
+def test_checkpoint_round_trip_is_a_plain_model(tmp_path):
+    model = ImageClassifier("timm:test_resnet:random", num_classes=3, val_sets=["id", "ood"])
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    keys = set(torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"])
+    assert keys == set(model.state_dict()) and all(k.startswith(("backbone.", "head.")) for k in keys)
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
