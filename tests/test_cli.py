@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from lightning_robustft.cli import cli_main
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI warns when called with ``args`` while ``sys.argv`` holds pytest's own arguments."""
+    monkeypatch.setattr("sys.argv", ["robustft"])
+
+
+def write_config(tmp_path, folders, **model_args):
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "class_path": "lightning_robustft.ImageClassifier",
+            "init_args": {"backbone": "timm:test_resnet:random", "lr": 1e-3, **model_args},
+        },
+        "data": {
+            "class_path": "lightning_robustft.MultiDomainDataModule",
+            "init_args": {
+                "train": str(folders["train"]),
+                "val": {"id": str(folders["id"]), "ood_subset": str(folders["ood_subset"])},
+                "test": {"ood_full": str(folders["ood_full"])},
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_fit_then_test_from_yaml(image_folders, tmp_path):
+    config = write_config(tmp_path, image_folders)
+    cli = cli_main(["fit", "--config", str(config)])
+    # The data module's class list, set names and subsets were linked into the model.
+    assert cli.model.hparams.class_names == ["a", "b", "c"]
+    assert cli.model.val_set_names == ["id", "ood_subset"]
+    assert cli.model.class_subsets == {"ood_subset": [0, 2]}
+    assert {"val/id/acc", "val/ood_subset/acc", "val/ood_avg/acc"} <= set(cli.trainer.callback_metrics)
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoints, "fit should leave a checkpoint"
+    assert list(tmp_path.rglob("metrics.csv")), "fit should leave CSV logs"
+
+    tested = cli_main(["test", "--config", str(config), "--ckpt_path", str(checkpoints[0])])
+    assert "test/ood_full/acc" in tested.trainer.callback_metrics
+
+
+def test_print_config_shows_the_resolved_configuration(image_folders, tmp_path, capsys):
+    config = write_config(tmp_path, image_folders)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["backbone"] == "timm:test_resnet:random"
+    assert printed["data"]["init_args"]["val"]["ood_subset"] == str(image_folders["ood_subset"])
+
+
+def test_wrong_type_in_yaml_names_the_key(image_folders, tmp_path, capsys):
+    config = write_config(tmp_path, image_folders, lr="fast")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "lr" in err and "fast" in err and "float" in err
+
+
+def test_missing_path_in_yaml_is_reported(image_folders, tmp_path):
+    image_folders = dict(image_folders, ood_subset=tmp_path / "no_such_folder")
+    config = write_config(tmp_path, image_folders)
+    with pytest.raises(Exception, match=r"Set 'ood_subset': path .*no_such_folder.* does not exist"):
+        cli_main(["fit", "--config", str(config)])
