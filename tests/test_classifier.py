@@ -116,3 +116,17 @@ def test_checkpoint_round_trip_is_a_plain_model(tmp_path):
     loaded = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+def test_prompt_resolution():
+    from lightning_robustft.models.prompts import resolve_prompt_names, resolve_templates
+
+    assert resolve_prompt_names(None, ["aircraft_carrier", "cat"]) == ["aircraft carrier", "cat"]
+    assert len(resolve_prompt_names("imagenet", None)) == 1000
+    assert len(resolve_templates("openai_imagenet")) == 80
+    with pytest.raises(RobustFTConfigError, match="one per class"):
+        resolve_prompt_names(["a"], ["a", "b"])
+    with pytest.raises(RobustFTConfigError, match="no '{}'|have none"):
+        resolve_templates(["a photo"])
+    with pytest.raises(RobustFTConfigError, match="built-in template set"):
+        resolve_templates("fancy")

@@ -47,7 +47,7 @@ class Backbone:
     train_transform: Transform | None = None
     eval_transform: Transform | None = None
     normalize_features: bool = False
-    zeroshot_weights: Callable[[Sequence[str], Sequence[str]], torch.Tensor] | None = None
+    zeroshot_weights: Callable[[Sequence[str], Sequence[Any]], torch.Tensor] | None = None
 
 
 def build_backbone(spec: str | nn.Module, feature_dim: int | None = None) -> Backbone:
@@ -121,7 +121,7 @@ def _open_clip_backbone(rest: str) -> Backbone:
     logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
 
     @torch.no_grad()
-    def zeroshot_weights(class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    def zeroshot_weights(class_names: Sequence[str], templates: Sequence[Any]) -> torch.Tensor:
         was_training = model.training
         model.eval()
         weights = open_clip.build_zero_shot_classifier(model, tokenizer, list(class_names), list(templates))

@@ -23,9 +23,8 @@ from lightning_robustft.metrics import (
     sanitize_set_name,
 )
 from lightning_robustft.models.backbones import build_backbone
+from lightning_robustft.models.prompts import resolve_prompt_names, resolve_templates
 from lightning_robustft.models.schedules import warmup_cosine
-
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
 
 class ImageClassifier(LightningModule):
@@ -47,7 +46,10 @@ class ImageClassifier(LightningModule):
         class_names: class names, in label order (needed for ``head_init="zeroshot"``).
         head_init: ``"random"`` (a freshly initialised linear head) or ``"zeroshot"`` (CLIP's zero-shot classifier
             built from ``class_names`` x ``templates``: the starting point of WiSE-FT / FLYP-style fine-tuning).
-        templates: prompt templates with a ``{}`` for the class name, for the zero-shot head.
+        templates: prompt templates with a ``{}`` for the class name, for the zero-shot head, or the name of
+            open_clip's sets ``"openai_imagenet"`` (80 templates) / ``"simple_imagenet"``.
+        prompt_names: the words for each class in the prompts when the class names are identifiers (a list, or
+            ``"imagenet"`` for open_clip's ImageNet class names); default: class names with ``_`` read as spaces.
         feature_dim: feature width of a backbone given as a module, when it cannot be read from the module.
         val_sets: names of the validation sets, in the order of the validation dataloaders.
         id_set: the in-distribution validation set (default: the first one); every other set is OOD.
@@ -73,7 +75,8 @@ class ImageClassifier(LightningModule):
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         head_init: str = "random",
-        templates: list[str] | None = None,
+        templates: list[str] | str | None = None,
+        prompt_names: list[str] | str | None = None,
         feature_dim: int | None = None,
         val_sets: list[str] | None = None,
         id_set: str | None = None,
@@ -108,7 +111,7 @@ class ImageClassifier(LightningModule):
         self.train_transform = built.train_transform
         self.eval_transform = built.eval_transform
         if head_init == "zeroshot":
-            self._init_zeroshot_head(built.zeroshot_weights, class_names, templates or list(DEFAULT_TEMPLATES))
+            self._init_zeroshot_head(built.zeroshot_weights, class_names, prompt_names, templates)
         if freeze_backbone:
             self.backbone.requires_grad_(False)
 
@@ -125,17 +128,22 @@ class ImageClassifier(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
 
     # ------------------------------------------------------------------ model
-    def _init_zeroshot_head(self, zeroshot_weights: Any, class_names: list[str] | None, templates: list[str]) -> None:
+    def _init_zeroshot_head(
+        self,
+        zeroshot_weights: Any,
+        class_names: list[str] | None,
+        prompt_names: list[str] | str | None,
+        templates: list[str] | str | None,
+    ) -> None:
         if zeroshot_weights is None:
             raise RobustFTConfigError(
                 "`head_init='zeroshot'` needs a CLIP backbone ('open_clip:<model>:<pretrained>'); this backbone has no "
                 "text tower. Use head_init='random'."
             )
-        if not class_names:
-            raise RobustFTConfigError("`head_init='zeroshot'` needs `class_names` (the names used in the prompts).")
-        if any("{}" not in t for t in templates):
-            raise RobustFTConfigError(f"Every template needs a '{{}}' for the class name; got {templates}.")
-        weights = zeroshot_weights(class_names, templates)
+        names = resolve_prompt_names(prompt_names, class_names)
+        if len(names) != self.head.out_features:
+            raise RobustFTConfigError(f"{len(names)} prompt names for {self.head.out_features} classes.")
+        weights = zeroshot_weights(names, resolve_templates(templates))
         with torch.no_grad():
             self.head.weight.copy_(weights)
             self.head.bias.zero_()
