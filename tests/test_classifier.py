@@ -126,7 +126,7 @@ def test_prompt_resolution():
     assert len(resolve_templates("openai_imagenet")) == 80
     with pytest.raises(RobustFTConfigError, match="one per class"):
         resolve_prompt_names(["a"], ["a", "b"])
-    with pytest.raises(RobustFTConfigError, match="no '{}'|have none"):
+    with pytest.raises(RobustFTConfigError, match="these have none"):
         resolve_templates(["a photo"])
     with pytest.raises(RobustFTConfigError, match="built-in template set"):
         resolve_templates("fancy")
