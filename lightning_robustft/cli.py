@@ -1,7 +1,8 @@
 """The ``robustft`` command: LightningCLI over :class:`ImageClassifier` and :class:`MultiDomainDataModule`.
 
 ``robustft fit|validate|test|predict --config configs/demo.yaml``; callbacks by ``class_path`` in YAML;
-``--print_config`` shows the full resolved configuration. The data module's class list, set names, ID set and class
+``--print_config`` shows the full resolved configuration. YAML files are read in OmegaConf mode, so a recipe can
+say ``train: ${oc.env:IMAGENET_ROOT}/train`` and take its paths from the environment. The data module's class list, set names, ID set and class
 subsets are linked into the model, so a YAML file states them once.
 """
 
@@ -39,6 +40,7 @@ def cli_main(args: ArgsType = None) -> RobustFTCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
     )
 
