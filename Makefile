@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install test lint docs demo bench clean
 
