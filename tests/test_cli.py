@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from lightning_robustft.cli import cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +85,15 @@ def test_missing_path_in_yaml_is_reported(image_folders, tmp_path):
     config = write_config(tmp_path, image_folders)
     with pytest.raises(Exception, match=r"Set 'ood_subset': path .*no_such_folder.* does not exist"):
         cli_main(["fit", "--config", str(config)])
+
+
+@pytest.mark.parametrize("recipe", ["clip_imagenet", "clip_domainnet", "clip_iwildcam"])
+def test_real_recipes_parse(recipe, monkeypatch, capsys):
+    for name in ("IMAGENET_ROOT", "DOMAINNET_ROOT", "IWILDCAM_ROOT"):
+        monkeypatch.setenv(name, "/data/example")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / f"{recipe}.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["backbone"] == "open_clip:ViT-B-16:openai"
+    assert printed["data"]["init_args"]["train"].startswith("/data/example/")
