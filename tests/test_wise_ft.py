@@ -1,0 +1,471 @@
+"""WiSEFTCallback, the sweep functions, the after-the-fact path and the ID-vs-OOD plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_robustft.callbacks.wise_ft import (
+    THETA_0_KEY,
+    WiSEFTCallback,
+    evaluate_accuracy,
+    load_wiseft_endpoints,
+    named_dataloaders,
+    resolve_id_set,
+    run_wiseft,
+    select_alpha,
+    wiseft_sweep,
+)
+from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.ops.interpolate import interpolate_state_dicts
+from lightning_robustft.plotting import plot_id_vs_ood
+
+SETS = ("id", "shift", "noise")
+
+
+class TinyNet(LightningModule):
+    """Linear + BatchNorm backbone (an integer buffer) and a linear ``head``; no metrics of its own."""
+
+    def __init__(self, in_dim: int = 6, hidden: int = 12, classes: int = 3, lr: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class Recorder(Callback):
+    """Keeps the weights at fit start and at train end (theta_1), before WiSE-FT changes them."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.start = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.theta_1 = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def make_data(n: int = 48, seed: int = 0) -> tuple[DataLoader, dict[str, DataLoader]]:
+    generator = torch.Generator().manual_seed(seed)
+    rule = torch.randn(6, 3, generator=generator)
+
+    def dataset(shift: float, noise: float) -> TensorDataset:
+        x = torch.randn(n, 6, generator=generator)
+        y = (x @ rule).argmax(-1)
+        return TensorDataset(x * (1 + shift) + shift + noise * torch.randn(n, 6, generator=generator), y)
+
+    train = DataLoader(dataset(0.0, 0.0), batch_size=16, shuffle=True)
+    val = {"id": dataset(0.0, 0.0), "shift": dataset(1.0, 0.0), "noise": dataset(0.0, 1.5)}
+    return train, {name: DataLoader(data, batch_size=16) for name, data in val.items()}
+
+
+def manual_accuracy(model: nn.Module, state: dict[str, torch.Tensor], loader: DataLoader) -> float:
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        hits = [(model(x).argmax(-1) == y).float() for x, y in loader]
+    return torch.cat(hits).mean().item()
+
+
+def trainer_for(tmp: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp),
+    }
+    options.update(kwargs)
+    return Trainer(callbacks=callbacks, **options)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One fit with the default WiSE-FT, CSV + TensorBoard loggers and a ModelCheckpoint; tests inspect it."""
+    tmp = tmp_path_factory.mktemp("default_run")
+    torch.manual_seed(0)
+    train, val = make_data()
+    model = TinyNet()
+    csv_logger = CSVLogger(tmp, name="csv")
+    tensorboard = TensorBoardLogger(tmp, name="tb")
+    figures: list[str] = []
+    tensorboard.experiment.add_figure = lambda tag, figure, **kw: figures.append(tag)  # type: ignore[method-assign]
+    recorder, wise = Recorder(), WiSEFTCallback()
+    checkpoint = ModelCheckpoint(dirpath=tmp / "ckpt", filename="theta1")
+    trainer = trainer_for(
+        tmp, [recorder, wise, checkpoint], logger=[csv_logger, tensorboard], enable_checkpointing=True
+    )
+    trainer.fit(model, train, val)
+    return SimpleNamespace(
+        tmp=tmp,
+        model=model,
+        val=val,
+        recorder=recorder,
+        wise=wise,
+        out=Path(csv_logger.log_dir),
+        figures=figures,
+        checkpoint=tmp / "ckpt" / "theta1.ckpt",
+    )
+
+
+def test_default_leaves_the_module_at_the_midpoint(default_run: SimpleNamespace) -> None:
+    theta_0, theta_1 = default_run.recorder.start, default_run.recorder.theta_1
+    assert default_run.wise.applied_alpha == 0.5
+    for name, value in default_run.model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (theta_0[name] + theta_1[name]) / 2)
+        else:
+            assert torch.equal(value, theta_1[name]), name
+    assert not torch.equal(theta_0["head.weight"], theta_1["head.weight"]), "training changed the weights"
+
+
+def test_theta_0_is_a_cpu_snapshot_of_the_start(default_run: SimpleNamespace) -> None:
+    snapshot = default_run.wise.theta_0
+    expected = {k: v for k, v in default_run.recorder.start.items() if v.is_floating_point()}
+    assert set(snapshot) == set(expected)
+    assert all(torch.equal(snapshot[k], expected[k]) for k in expected)
+
+
+def test_table_has_one_row_per_alpha_and_correct_endpoints(default_run: SimpleNamespace) -> None:
+    rows = read_csv(default_run.out / "wiseft.csv")
+    assert [float(r["alpha"]) for r in rows] == pytest.approx([0.1 * i for i in range(11)])
+    assert list(rows[0]) == ["alpha", *SETS, "ood_avg"]
+    model = TinyNet()
+    for row, state in ((rows[0], default_run.recorder.start), (rows[-1], default_run.recorder.theta_1)):
+        for name in SETS:
+            assert float(row[name]) == pytest.approx(manual_accuracy(model, state, default_run.val[name]), abs=1e-6)
+        assert float(row["ood_avg"]) == pytest.approx((float(row["shift"]) + float(row["noise"])) / 2)
+    assert rows[0] != rows[-1]
+
+
+def test_json_plot_and_logger_outputs(default_run: SimpleNamespace) -> None:
+    summary = json.loads((default_run.out / "wiseft.json").read_text())
+    assert summary["id_set"] == "id"
+    assert summary["ood_sets"] == ["shift", "noise"]
+    assert summary["selected_alpha"] == 0.5
+    assert len(summary["rows"]) == 11
+    assert summary["rows"] == default_run.wise.results
+    assert (default_run.out / "wiseft.png").read_bytes()[:4] == b"\x89PNG"
+    assert default_run.figures == ["wiseft/id_vs_ood"]
+    logged = read_csv(default_run.out / "metrics.csv")
+    sweep = [r for r in logged if r.get("wiseft/id/acc")]
+    assert len(sweep) == 11
+    assert [float(r["wiseft/alpha"]) for r in sweep] == pytest.approx([0.1 * i for i in range(11)])
+    assert any(r.get("wiseft/selected/alpha") == "0.5" for r in logged)
+
+
+def test_saved_model_loads_into_a_plain_module(default_run: SimpleNamespace) -> None:
+    path = default_run.out / "wiseft_alpha0.50.ckpt"
+    assert Path(json.loads((default_run.out / "wiseft.json").read_text())["checkpoint"]) == path
+    plain = TinyNet()
+    plain.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    restored = TinyNet.load_from_checkpoint(path)
+    for name, value in default_run.model.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], value)
+        assert torch.equal(restored.state_dict()[name], value)
+
+
+def test_training_checkpoints_carry_theta_0(default_run: SimpleNamespace) -> None:
+    checkpoint = torch.load(default_run.checkpoint, map_location="cpu", weights_only=False)
+    stored = checkpoint[THETA_0_KEY]
+    assert all(torch.equal(stored[k], default_run.wise.theta_0[k]) for k in default_run.wise.theta_0)
+    assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in default_run.recorder.theta_1.items())
+
+
+def test_run_wiseft_from_checkpoints_reproduces_the_callback(default_run: SimpleNamespace, tmp_path: Path) -> None:
+    alphas = default_run.wise.alphas
+    summary = run_wiseft(TinyNet(), default_run.checkpoint, default_run.val, alphas=alphas, output_dir=tmp_path / "a")
+    assert len(summary["rows"]) == len(default_run.wise.results)
+    for ours, callbacks in zip(summary["rows"], default_run.wise.results, strict=True):
+        assert ours == pytest.approx(callbacks)
+    zeroshot = tmp_path / "zeroshot.pt"
+    torch.save(default_run.recorder.start, zeroshot)
+    module = TinyNet()
+    explicit = run_wiseft(
+        module, default_run.checkpoint, default_run.val, zeroshot=zeroshot, select="id", output_dir=tmp_path / "b"
+    )
+    best = max(explicit["rows"], key=lambda r: (r["id"], -r["alpha"]))["alpha"]
+    assert explicit["selected_alpha"] == best
+    saved = torch.load(explicit["checkpoint"], map_location="cpu", weights_only=False)
+    assert saved["wiseft"] == {"alpha": best}
+    assert THETA_0_KEY not in saved and "optimizer_states" not in saved
+    restored = TinyNet.load_from_checkpoint(explicit["checkpoint"])
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in module.state_dict().items())
+    assert {p.name for p in (tmp_path / "b").iterdir()} >= {"wiseft.csv", "wiseft.json", "wiseft.png"}
+
+
+def test_select_id_applies_the_best_id_alpha(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    train, val = make_data(seed=1)
+    model, recorder = TinyNet(lr=1.0), Recorder()
+    wise = WiSEFTCallback(alphas=[0.0, 0.25, 0.5, 0.75, 1.0], select="id", save_model=False)
+    trainer_for(tmp_path, [recorder, wise]).fit(model, train, val)
+    summary = json.loads((tmp_path / "wiseft.json").read_text())
+    expected = max(summary["rows"], key=lambda r: (r["id"], -r["alpha"]))["alpha"]
+    assert wise.applied_alpha == summary["selected_alpha"] == expected
+    assert len(summary["rows"]) == 5, "the fixed alpha is not added when selecting on ID"
+    target = interpolate_state_dicts(recorder.start, recorder.theta_1, expected)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in target.items())
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_select_alpha_never_looks_at_ood() -> None:
+    rows = [
+        {"alpha": 0.0, "id": 0.50, "ood": 0.95, "ood_avg": 0.95},
+        {"alpha": 0.5, "id": 0.80, "ood": 0.70, "ood_avg": 0.70},
+        {"alpha": 1.0, "id": 0.80, "ood": 0.20, "ood_avg": 0.20},
+    ]
+    assert select_alpha(rows, "id", 0.3, "id") == 0.5  # tie on ID -> smaller alpha; OOD best (0.0) ignored
+    assert select_alpha(rows, "fixed", 0.3, "id") == 0.3
+    with pytest.raises(RobustFTConfigError, match="ID accuracies"):
+        select_alpha(rows, "id", 0.5, "missing")
+
+
+def test_resume_interpolates_against_the_original_theta_0(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    train, val = make_data(seed=2)
+    model = TinyNet()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer_for(tmp_path, [WiSEFTCallback(alphas=[0.0]), saver], max_epochs=1, enable_checkpointing=True).fit(
+        model, train, val
+    )
+    last = tmp_path / "ckpt" / "last.ckpt"
+    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    torch.manual_seed(3)
+    fresh, recorder, wise = TinyNet(), Recorder(), WiSEFTCallback(alphas=[0.0, 1.0])
+    trainer_for(tmp_path / "resumed", [recorder, wise], max_epochs=2).fit(fresh, train, val, ckpt_path=last)
+    assert torch.equal(recorder.start["head.weight"], resumed_from["head.weight"]), "the fit resumed"
+    assert not torch.equal(resumed_from["head.weight"], start["head.weight"])
+    assert all(torch.equal(wise.theta_0[k], v) for k, v in start.items() if v.is_floating_point())
+    expected = interpolate_state_dicts(start, recorder.theta_1, 0.5)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_resuming_from_a_foreign_checkpoint_warns() -> None:
+    wise = WiSEFTCallback()
+    with pytest.warns(UserWarning, match="no 'wiseft_theta_0'"):
+        wise.on_load_checkpoint(None, None, {"state_dict": {}})  # type: ignore[arg-type]
+    assert wise.theta_0 is None
+
+
+def test_single_validation_set_writes_a_table_without_plot(tmp_path: Path) -> None:
+    train, val = make_data()
+    with pytest.warns(UserWarning, match="no OOD validation set"):
+        trainer_for(tmp_path, [WiSEFTCallback(alphas=[0.0, 1.0])], max_epochs=1).fit(TinyNet(), train, val["id"])
+    rows = read_csv(tmp_path / "wiseft.csv")
+    assert [list(r) for r in rows] == [["alpha", "val_0"]] * 3  # 0.0, 0.5 (the fixed alpha), 1.0
+    assert not (tmp_path / "wiseft.png").exists()
+
+
+def test_without_validation_the_fixed_alpha_is_applied_unevaluated(tmp_path: Path) -> None:
+    train, _ = make_data()
+    model, recorder = TinyNet(), Recorder()
+    with pytest.warns(UserWarning, match="no validation sets"):
+        trainer_for(tmp_path, [recorder, WiSEFTCallback(alpha=0.3)], max_epochs=1).fit(model, train)
+    expected = interpolate_state_dicts(recorder.start, recorder.theta_1, 0.3)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert (tmp_path / "wiseft_alpha0.30.ckpt").exists()
+    assert not (tmp_path / "wiseft.csv").exists()
+
+
+class SubsetMetrics(TinyNet):
+    """Scores only classes 0 and 1 (like ImageNet-R's subset), through its own metric objects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metric = MulticlassAccuracy(num_classes=2, average="micro")
+        self.calls = 0
+
+    def update_val_metrics(self, set_name: str, logits: torch.Tensor, target: torch.Tensor) -> None:
+        keep = target < 2
+        self.metric.update(logits[keep, :2], target[keep])
+        self.calls += 1
+
+    def compute_val_metrics(self, set_name: str) -> dict[str, float]:
+        value = float(self.metric.compute())
+        self.metric.reset()
+        return {"acc": value}
+
+
+def test_evaluation_uses_the_module_metrics_and_restores_modes() -> None:
+    _, val = make_data()
+    model = SubsetMetrics()
+    model.train()
+    model.backbone[1].eval()
+    result = evaluate_accuracy(model, {"id": val["id"]})
+    x, y = val["id"].dataset.tensors
+    model.eval()
+    with torch.no_grad():
+        keep = y < 2
+        expected = (model(x)[keep, :2].argmax(-1) == y[keep]).float().mean().item()
+    assert result["id"] == pytest.approx(expected)
+    assert model.calls == len(val["id"])
+    model.train()
+    model.backbone[1].eval()
+    evaluate_accuracy(model, {"id": val["id"]}, max_batches={"id": 1})
+    assert model.training and model.head.training and not model.backbone[1].training
+    assert model.calls == len(val["id"]) + 1
+
+
+def test_sweep_leaves_theta_1_and_checks_inputs() -> None:
+    _, val = make_data()
+    theta_0 = TinyNet().state_dict()
+    model = TinyNet()
+    theta_1 = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = wiseft_sweep(model, theta_0, theta_1, val, [0.0, 1.0], id_set="shift")
+    assert rows[0]["ood_avg"] == pytest.approx((rows[0]["id"] + rows[0]["noise"]) / 2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in theta_1.items())
+    with pytest.raises(RobustFTConfigError, match="'alpha'"):
+        wiseft_sweep(model, theta_0, theta_1, {"alpha": val["id"]}, [0.0])
+    with pytest.raises(RobustFTConfigError, match="needs \\(x, y\\)"):
+        wiseft_sweep(model, theta_0, theta_1, {"id": [torch.zeros(2, 6)]}, [0.0])
+    wider = TinyNet(classes=4).state_dict()
+    with pytest.raises(RobustFTConfigError, match=r"head\.weight"):
+        wiseft_sweep(model, theta_0, wider, val, [0.5])
+
+
+def test_naming_and_id_set_resolution() -> None:
+    loader = DataLoader(TensorDataset(torch.zeros(2, 6)))
+    assert list(named_dataloaders([loader, loader], ["a", "b"])) == ["a", "b"]
+    assert list(named_dataloaders([loader, loader], ["a"])) == ["val_0", "val_1"]
+    assert list(named_dataloaders(loader)) == ["val_0"]
+    assert named_dataloaders(None) == {}
+    assert resolve_id_set(["a", "b"], None) == "a"
+    with pytest.raises(RobustFTConfigError, match=r"`id_set`='c' .* \['a', 'b'\]"):
+        resolve_id_set(["a", "b"], "c")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alphas": [0.0, 1.2]}, r"alphas\[1\]"),
+        ({"alphas": []}, "`alphas` is empty"),
+        ({"alpha": -0.1}, "`alpha`"),
+        ({"alpha": True}, "`alpha`"),
+        ({"select": "ood"}, "`select`='ood'"),
+    ],
+)
+def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(RobustFTConfigError, match=match):
+        WiSEFTCallback(**kwargs)
+
+
+def test_fixed_alpha_joins_the_sweep() -> None:
+    assert WiSEFTCallback(alphas=[1.0, 0.0], alpha=0.3).alphas == [0.0, 0.3, 1.0]
+    assert WiSEFTCallback(alphas=[1.0, 0.0], select="id").alphas == [0.0, 1.0]
+
+
+def test_sharded_strategy_is_refused() -> None:
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(RobustFTConfigError, match="strategy=FSDPStrategy"):
+        WiSEFTCallback().setup(trainer, TinyNet(), "fit")  # type: ignore[arg-type]
+
+
+def test_endpoint_loading_errors(tmp_path: Path) -> None:
+    with pytest.raises(RobustFTConfigError, match="does not exist"):
+        load_wiseft_endpoints(tmp_path / "missing.ckpt")
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": TinyNet().state_dict()}, plain)
+    with pytest.raises(RobustFTConfigError, match="pass the zero-shot checkpoint"):
+        load_wiseft_endpoints(plain)
+    junk = tmp_path / "junk.ckpt"
+    torch.save([1, 2], junk)
+    with pytest.raises(RobustFTConfigError, match="neither a Lightning checkpoint"):
+        load_wiseft_endpoints(junk)
+
+
+def test_plot_marks_points_and_rejects_bad_rows(tmp_path: Path) -> None:
+    rows = [{"alpha": a, "id": 0.8 + 0.1 * a, "ood_avg": 0.9 - 0.2 * a} for a in (1.0, 0.0, 0.5)]
+    figure = plot_id_vs_ood(
+        rows, tmp_path / "sub" / "curve.png", id_key="id", selected=0.5, reference_points={"x": (0.85, 0.8)}
+    )
+    axes = figure.axes[0]
+    texts = [t.get_text() for t in axes.texts]
+    assert texts == ["zero-shot", "0.5", "fine-tuned"]
+    assert list(axes.lines[0].get_xdata()) == pytest.approx([80.0, 85.0, 90.0])
+    assert {t.get_text() for t in axes.get_legend().get_texts()} >= {"selected alpha=0.5", "x"}
+    assert (tmp_path / "sub" / "curve.png").stat().st_size > 1000
+    with pytest.raises(RobustFTConfigError, match=r"lacks \['ood_avg'\]"):
+        plot_id_vs_ood([{"alpha": 0.0, "id": 1.0}], id_key="id")
+    with pytest.raises(RobustFTConfigError, match="empty"):
+        plot_id_vs_ood([], id_key="id")
+
+
+class PerRankOutput(WiSEFTCallback):
+    """Writes into ``<dirpath>/rank<r>`` so the test can see which rank wrote files."""
+
+    @property
+    def dirpath(self) -> str:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return f"{self._base}/rank{rank}"
+
+    @dirpath.setter
+    def dirpath(self, value: str) -> None:
+        self._base = value
+
+
+class DumpRows(Callback):
+    def __init__(self, wise: WiSEFTCallback, out: str) -> None:
+        self.wise, self.out = wise, out
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        weights = {k: v.tolist() for k, v in pl_module.state_dict().items() if v.is_floating_point()}
+        payload = {"rows": self.wise.results, "alpha": self.wise.applied_alpha, "weights": weights}
+        Path(self.out, f"dump{trainer.global_rank}.json").write_text(json.dumps(payload))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_agree_and_write_once(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    train, val = make_data(seed=4)
+    model = TinyNet()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    wise = PerRankOutput(alphas=[0.0, 1.0], select="id", dirpath=str(tmp_path))
+    trainer = trainer_for(
+        tmp_path, [wise, DumpRows(wise, str(tmp_path))], strategy="ddp_spawn", devices=2, max_epochs=1
+    )
+    trainer.fit(model, train, val)
+    dumps = [json.loads((tmp_path / f"dump{rank}.json").read_text()) for rank in (0, 1)]
+    assert dumps[0] == dumps[1]
+    assert dumps[0]["alpha"] in (0.0, 1.0)
+    alpha_0 = dumps[0]["rows"][0]
+    for name in SETS:
+        assert alpha_0[name] == pytest.approx(manual_accuracy(TinyNet(), start, val[name]), abs=1e-6)
+    assert {p.name for p in (tmp_path / "rank0").iterdir()} >= {"wiseft.csv", "wiseft.json", "wiseft.png"}
+    assert len(list((tmp_path / "rank0").glob("wiseft_alpha*.ckpt"))) == 1
+    assert not (tmp_path / "rank1").exists()
