@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -278,9 +279,14 @@ def test_resume_interpolates_against_the_original_theta_0(tmp_path: Path) -> Non
 
 def test_resuming_from_a_foreign_checkpoint_warns() -> None:
     wise = WiSEFTCallback()
+    fitting = SimpleNamespace(state=SimpleNamespace(fn="fit"))
     with pytest.warns(UserWarning, match="no 'wiseft_theta_0'"):
-        wise.on_load_checkpoint(None, None, {"state_dict": {}})  # type: ignore[arg-type]
+        wise.on_load_checkpoint(fitting, None, {"state_dict": {}})  # type: ignore[arg-type]
     assert wise.theta_0 is None
+    validating = SimpleNamespace(state=SimpleNamespace(fn="validate"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wise.on_load_checkpoint(validating, None, {"state_dict": {}})  # type: ignore[arg-type]
 
 
 def test_single_validation_set_writes_a_table_without_plot(tmp_path: Path) -> None:

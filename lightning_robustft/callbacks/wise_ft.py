@@ -21,6 +21,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -145,32 +146,17 @@ class WiSEFTCallback(Callback):
             rank_zero_warn("WiSEFTCallback: no theta_0 snapshot (fit did not start normally); nothing interpolated.")
             return
         theta_1 = {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in _state(pl_module)}
-        out_dir = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
-        loaders, max_batches = _trainer_validation_sets(trainer, pl_module)
-        id_set = resolve_id_set(list(loaders), getattr(pl_module, "id_set", None)) if loaders else None
-        if loaders:
-            self.results = wiseft_sweep(
-                pl_module,
-                self._theta_0,
-                theta_1,
-                loaders,
-                self.alphas,
-                id_set=id_set,
-                max_batches=max_batches,
-                forward_context=trainer.precision_plugin.forward_context,
-            )
-        else:
-            rank_zero_warn("WiSEFTCallback: no validation sets to evaluate; applying the fixed `alpha` unevaluated.")
+        out_dir = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # log_dir: a collective call
+        id_set = self._sweep(trainer, pl_module, self._theta_0, theta_1)
         chosen = select_alpha(self.results, self.select, self.alpha, id_set) if self.results else self.alpha
         apply_alpha(pl_module, self._theta_0, theta_1, chosen)
         self.applied_alpha = chosen
         checkpoint = out_dir / checkpoint_name(chosen) if self.save_model else None
         if checkpoint is not None:
-            trainer.save_checkpoint(checkpoint, weights_only=True)
-        if trainer.is_global_zero and self.results and id_set is not None:
+            trainer.save_checkpoint(checkpoint, weights_only=True)  # on every rank; the strategy writes once
+        if trainer.is_global_zero and id_set is not None:
             summary = make_summary(self.results, id_set, self.select, chosen, checkpoint)
-            figure = write_wiseft_results(summary, out_dir)
-            _log_to_loggers(trainer, summary, figure)
+            _log_to_loggers(trainer, summary, write_wiseft_results(summary, out_dir))
         rank_zero_info(f"WiSEFTCallback: the model now holds theta(alpha={chosen:g}); results in {out_dir}.")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -182,7 +168,7 @@ class WiSEFTCallback(Callback):
         """Restore theta_0 from a checkpoint written by this callback; warn when resuming from any other."""
         if THETA_0_KEY in checkpoint:
             self._theta_0 = {name: tensor.to("cpu") for name, tensor in checkpoint[THETA_0_KEY].items()}
-        else:
+        elif trainer.state.fn == TrainerFn.FITTING:
             rank_zero_warn(
                 f"WiSEFTCallback: the checkpoint has no {THETA_0_KEY!r}; theta_0 will be the weights the fit resumes "
                 "from, not the zero-shot model."
@@ -195,6 +181,28 @@ class WiSEFTCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore which alpha the saved weights hold; the configuration stays the constructor's."""
         self.applied_alpha = state_dict.get("applied_alpha")
+
+    def _sweep(
+        self, trainer: Trainer, pl_module: LightningModule, theta_0: dict[str, Tensor], theta_1: dict[str, Any]
+    ) -> str | None:
+        """Fill ``self.results`` from the fit's validation loaders; return the ID set (``None``: no sets)."""
+        loaders, max_batches = _trainer_validation_sets(trainer, pl_module)
+        if not loaders:
+            rank_zero_warn("WiSEFTCallback: no validation sets to evaluate; applying the fixed `alpha` unevaluated.")
+            self.results = []
+            return None
+        id_set = resolve_id_set(list(loaders), getattr(pl_module, "id_set", None))
+        self.results = wiseft_sweep(
+            pl_module,
+            theta_0,
+            theta_1,
+            loaders,
+            self.alphas,
+            id_set=id_set,
+            max_batches=max_batches,
+            forward_context=trainer.precision_plugin.forward_context,
+        )
+        return id_set
 
 
 # --------------------------------------------------------------------------------------------------- the sweep
