@@ -1,0 +1,449 @@
+"""``GMixoutCallback``: Mixout with a moving anchor and a resampling period, as a weight swap around the optimizer."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.ops.mixout import MixoutPasses
+
+Backend = Literal["auto", "triton", "torch"]
+
+#: Checkpoint key holding ``{parameter name: fp32 anchor}``; seed and counters live in the callback state.
+ANCHORS_CHECKPOINT_KEY = "gmixout_anchors"
+
+#: Seeds are kept in ``[0, 2**31 - 1]`` so every backend (a Triton ``tl.rand`` seed is 32-bit) can take them.
+MAX_SEED = 2**31 - 1
+
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+_SHARDED_STRATEGIES: dict[type[Strategy], str] = {
+    FSDPStrategy: "it shards parameters and gradients across ranks, while GMixout swaps whole weight tensors in place "
+    "around the optimizer step and draws its masks over full tensors",
+    ModelParallelStrategy: "it holds parameters as sharded DTensors, while GMixout swaps whole weight tensors in place "
+    "around the optimizer step and draws its masks over full tensors",
+    DeepSpeedStrategy: "its engine owns the optimizer step, loss scaling and ZeRO partitions, so the full gradients "
+    "that GMixout rescales before the step are not in `param.grad`",
+}
+
+
+class GMixoutCallback(Callback):
+    r"""Generalised Mixout: train random subnetworks mixed with a (moving) anchor; deploy the learned weights.
+
+    Mixout (Lee et al., ICLR 2020) regularises fine-tuning toward the pretrained weights ``a``: every step trains on
+    ``w~ = a + M * (w - a) / (1 - p)`` with an elementwise keep-mask ``M ~ Bernoulli(1 - p)``, so ``E[w~] = w``; the
+    model kept is ``w``, an implicit ensemble of the subnetworks. Entries held at the anchor cannot drift from what
+    pretraining learned in that step, which protects the features that matter under distribution shift. GMixout
+    (our reading of "Revisiting Mixout", arXiv 2510.06982) adds two levers: the mask is redrawn every
+    ``resample_every`` optimizer steps, and at each redraw the anchor moves, ``a <- anchor_decay * a +
+    (1 - anchor_decay) * w``. ``resample_every=1, anchor_decay=1`` is Mixout exactly, and is the default.
+
+    No module is replaced, so any ``LightningModule`` works and the model left after ``fit`` is the plain one. Per
+    optimizer step ``t`` (period ``r = t // resample_every``):
+
+    1. before the first forward of the step (``on_train_batch_start``, once even with gradient accumulation): at the
+       start of a period ``r >= 1``, move the anchor; then keep ``w`` and write ``w~`` into the parameters;
+    2. forward and backward run unchanged on ``w~``;
+    3. ``on_before_optimizer_step`` (gradients complete, DDP-reduced, AMP-unscaled): restore ``w`` and turn the
+       gradient into the exact gradient of ``w``, ``g <- M * g / (1 - p)``;
+    4. the user's optimizer, clipping and schedulers step ``w`` as usual.
+
+    Outside a training step the parameters hold ``w``: validation (even mid-accumulation), checkpoints (a checkpoint
+    saved mid-step gets ``w``), exceptions and the end of fit all see the learned weights. An fp16-AMP step that the
+    ``GradScaler`` skips (non-finite gradients) does not count: the period and the anchor stay where they were. The
+    seed, the step counter and the fp32 anchors are checkpointed (anchors under ``"gmixout_anchors"``), so a resumed
+    run continues exactly, also in the middle of a period. Every rank uses the same seed, hence the same masks, so
+    DDP replicas stay identical. Sharded strategies (FSDP, DeepSpeed, model parallel) and manual optimization are
+    refused in ``setup``.
+
+    Targets are parameter names (as in ``pl_module.named_parameters()``) matched by shell-style globs
+    (``fnmatch``; ``*`` also crosses dots). By default they are the ``weight`` of every ``nn.Linear`` and convolution
+    and the raw attention projections (``in_proj_weight`` of ``nn.MultiheadAttention`` and open_clip) outside the
+    ``head`` submodule: never norms, biases, embeddings or the head, which a user can still name in ``targets``.
+    Frozen parameters (``requires_grad=False``) are never targets.
+
+    Args:
+        p: probability that an entry is held at the anchor, in ``[0, 1)``; 0.9 is Mixout's usual value for large
+            pretrained models.
+        resample_every: the mask is redrawn every this many optimizer steps (``>= 1``; 1 is Mixout).
+        anchor_decay: EMA factor of the anchor at each redraw, in ``[0, 1]``: 1 keeps the pretrained weights (Mixout),
+            0 moves the anchor to the current weights.
+        targets: globs over parameter names selecting the tensors to mix (default: see above). Each must match a
+            trainable parameter.
+        exclude: globs removing parameters from the targets. Each must match a parameter.
+        head: dotted name of the classification head, left out of the default targets; ``None`` when the module has
+            no head to leave out.
+        seed: seed of the masks in ``[0, 2**31 - 1]``. ``None`` derives it from ``torch.initial_seed()`` (which
+            ``seed_everything`` sets) without consuming the global generator, then takes rank zero's value.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton imports, else PyTorch), ``"triton"`` or
+            ``"torch"``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GMixoutCallback(p=0.9, resample_every=10, anchor_decay=0.99)])
+        trainer.fit(model, datamodule=dm)
+
+    In a LightningCLI config::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_robustft.callbacks.GMixoutCallback
+              init_args: {p: 0.9, resample_every: 10, anchor_decay: 0.99}
+    """
+
+    def __init__(
+        self,
+        p: float = 0.9,
+        resample_every: int = 1,
+        anchor_decay: float = 1.0,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        head: str | None = "head",
+        seed: int | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        if not _is_real(p) or not 0.0 <= p < 1.0:
+            raise RobustFTConfigError(f"`p`={p!r} must be a probability in [0, 1) (Mixout's usual value is 0.9).")
+        if isinstance(resample_every, bool) or not isinstance(resample_every, int) or resample_every < 1:
+            raise RobustFTConfigError(
+                f"`resample_every`={resample_every!r} must be an integer >= 1 (optimizer steps per mask; 1 is Mixout)."
+            )
+        if not _is_real(anchor_decay) or not 0.0 <= anchor_decay <= 1.0:
+            raise RobustFTConfigError(
+                f"`anchor_decay`={anchor_decay!r} must be in [0, 1] (1 keeps the pretrained anchor, as Mixout does)."
+            )
+        for name, patterns in (("targets", targets), ("exclude", exclude)):
+            if patterns is not None and (
+                isinstance(patterns, str) or not all(isinstance(pat, str) and pat for pat in patterns)
+            ):
+                raise RobustFTConfigError(
+                    f"`{name}`={patterns!r} must be a list of non-empty glob patterns over parameter names, "
+                    "e.g. ['backbone.*.weight']."
+                )
+        if targets is not None and not targets:
+            raise RobustFTConfigError("`targets`=[] selects nothing; pass None for the default targets.")
+        if head is not None and (not isinstance(head, str) or not head):
+            raise RobustFTConfigError(f"`head`={head!r} must be a dotted submodule name such as 'head', or None.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise RobustFTConfigError(f"`seed`={seed!r} must be None or an integer in [0, {MAX_SEED}].")
+        if backend not in ("auto", "triton", "torch"):
+            raise RobustFTConfigError(f"`backend`={backend!r} must be one of 'auto', 'triton', 'torch'.")
+        self.p = float(p)
+        self.resample_every = resample_every
+        self.anchor_decay = float(anchor_decay)
+        self.targets = list(targets) if targets is not None else None
+        self.exclude = list(exclude) if exclude is not None else []
+        self.head = head
+        self.backend: Backend = backend
+        self._requested_seed = seed
+        self._seed: int | None = seed
+        self._target_names: list[str] = []
+        self._passes: MixoutPasses | None = None
+        self._params: list[nn.Parameter] = []
+        self._loaded_anchors: dict[str, torch.Tensor] | None = None
+        self._step = 0
+        self._anchor_period = 0
+        self._mixed_period = 0
+        self._scale_before_step: float | None = None
+
+    @property
+    def seed(self) -> int | None:
+        """The mask seed in use (resolved at ``setup``; a resumed run takes the checkpoint's)."""
+        return self._seed
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken under GMixout, AMP-skipped ones excluded; the period is ``step // resample_every``."""
+        return self._step
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the mixed parameters, resolved at ``setup``."""
+        return list(self._target_names)
+
+    @property
+    def passes(self) -> MixoutPasses | None:
+        """The fused passes (anchors, masks) over the targets; built when training starts, kept for checkpoints."""
+        return self._passes
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse what cannot be served, resolve the targets and the seed (shared by all ranks), reset the counters."""
+        if stage != TrainerFn.FITTING:
+            return
+        check_supported(trainer.strategy, pl_module)
+        others = [cb for cb in trainer.callbacks if isinstance(cb, GMixoutCallback) and cb is not self]
+        if others:
+            raise RobustFTConfigError(
+                "Found more than one GMixoutCallback in `trainer.callbacks`; mixing the same weights twice is not "
+                "meaningful. Keep one and select its tensors with `targets` / `exclude`."
+            )
+        self._target_names = select_targets(pl_module, self.targets, self.exclude, self.head)
+        seed = self._requested_seed if self._requested_seed is not None else derive_seed(torch.initial_seed())
+        self._seed = int(trainer.strategy.broadcast(seed, src=0))
+        self._step = self._anchor_period = self._mixed_period = 0
+        self._scale_before_step = None
+        self._passes = None
+        self._loaded_anchors = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build the passes once the model is on its device and any checkpoint is restored (anchors from it)."""
+        params = dict(pl_module.named_parameters())
+        self._params = [params[name] for name in self._target_names]
+        assert self._seed is not None
+        # The passes write through `.data` aliases, which do not bump the parameters' autograd version counters: a
+        # checkpoint saved between forward and backward restores w and writes the same w~ back, which is harmless,
+        # but with the counters bumped backward would refuse to run.
+        self._passes = MixoutPasses([param.data for param in self._params], self.p, self._seed, self.backend)
+        if self._loaded_anchors is not None:
+            load_anchors(self._passes, self._target_names, self._loaded_anchors)
+            self._loaded_anchors = None
+        mixed = sum(params[name].numel() for name in self._target_names)
+        trainable = sum(param.numel() for param in params.values() if param.requires_grad)
+        rank_zero_info(
+            f"GMixoutCallback: {len(self._target_names)} tensors ({mixed:,} of {trainable:,} trainable entries) with "
+            f"p={self.p}, resample_every={self.resample_every}, anchor_decay={self.anchor_decay}, "
+            f"backend={self._passes.backend}, seed={self._seed}, starting at step {self._step}."
+        )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Before the first forward of an optimizer step: move the anchor at a new period, then write ``w~``."""
+        passes = self._passes
+        if passes is None or passes.mixed:
+            return
+        self._settle_skipped_step(trainer)
+        period = self._step // self.resample_every
+        if period > self._anchor_period:
+            if self.anchor_decay < 1.0:
+                passes.update_anchor(self.anchor_decay)
+            self._anchor_period = period
+        passes.mix_in(period)
+        self._mixed_period = period
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        """Restore ``w`` and turn the (reduced, unscaled) gradient of ``w~`` into the gradient of ``w``."""
+        passes = self._passes
+        if passes is None:
+            return
+        if passes.mixed:
+            passes.mix_out(self._mixed_period, [param.grad for param in self._params])
+        self._step += 1
+        self._scale_before_step = grad_scale(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Take back the step count of an optimizer step that the AMP ``GradScaler`` skipped."""
+        self._settle_skipped_step(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Validate the learned weights: restore ``w`` mid-step; the next training batch mixes again."""
+        self._restore()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Leave ``w`` in the model if fit stopped between a mix-in and its optimizer step."""
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Leave ``w`` in the model when fit fails mid-step (Lightning calls no other hook then)."""
+        self._restore()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seed and counters (the anchors go into the checkpoint via ``on_save_checkpoint``)."""
+        return {
+            "seed": self._seed,
+            "step": self._step,
+            "anchor_period": self._anchor_period,
+            "p": self.p,
+            "resample_every": self.resample_every,
+            "anchor_decay": self.anchor_decay,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the checkpointed run: its seed and counters win over the constructor's seed."""
+        if state_dict.get("seed") is not None:
+            self._seed = int(state_dict["seed"])
+        self._step = int(state_dict.get("step", self._step))
+        self._anchor_period = int(state_dict.get("anchor_period", self._step // self.resample_every))
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Store the fp32 anchors; if saved mid-step, put ``w`` (not ``w~``) in the checkpoint's ``state_dict``."""
+        passes = self._passes
+        if passes is None:
+            return
+        checkpoint[ANCHORS_CHECKPOINT_KEY] = dict(zip(self._target_names, passes.anchors, strict=True))
+        if passes.mixed:
+            # Lightning reads the module's state_dict before this hook, while the parameters still hold w~.
+            passes.restore()
+            state = checkpoint["state_dict"]
+            for name, param in zip(self._target_names, self._params, strict=True):
+                if name in state:
+                    state[name] = param.detach().clone()
+            passes.mix_in(self._mixed_period)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Keep the checkpoint's anchors for the passes that are built when training starts."""
+        if trainer.state.fn != TrainerFn.FITTING or ANCHORS_CHECKPOINT_KEY not in checkpoint:
+            return
+        self._loaded_anchors = checkpoint[ANCHORS_CHECKPOINT_KEY]
+
+    def _restore(self) -> None:
+        if self._passes is not None and self._passes.mixed:
+            self._passes.restore()
+
+    def _settle_skipped_step(self, trainer: Trainer) -> None:
+        if self._scale_before_step is None:
+            return
+        scale_after = grad_scale(trainer)
+        if scale_after is not None and step_was_skipped(self._scale_before_step, scale_after):
+            self._step -= 1
+        self._scale_before_step = None
+
+
+def check_supported(strategy: Strategy, pl_module: LightningModule) -> None:
+    """Raise for what GMixout cannot serve: sharded strategies and manual optimization."""
+    for cls, why in _SHARDED_STRATEGIES.items():
+        if isinstance(strategy, cls):
+            raise RobustFTConfigError(
+                f"GMixoutCallback does not support strategy {type(strategy).__name__}: {why}. Use strategy='ddp' "
+                "(or a single device)."
+            )
+    if not pl_module.automatic_optimization:
+        raise RobustFTConfigError(
+            f"GMixoutCallback needs automatic optimization, but {type(pl_module).__name__}.automatic_optimization is "
+            "False: with manual optimization the module steps the optimizer itself, so the callback cannot place the "
+            "weight swap around the step. Use automatic optimization."
+        )
+
+
+def default_target_names(module: nn.Module, head: str | None) -> list[str]:
+    """Weights of Linear / conv layers and raw attention projections, outside ``head``: Mixout's weight matrices."""
+    if head is not None:
+        _resolve_head(module, head)
+    names = []
+    for module_name, sub in module.named_modules():
+        if head is not None and (module_name == head or module_name.startswith(head + ".")):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(sub.weight, nn.Parameter):
+            names.append(prefix + "weight")
+        names.extend(prefix + attr for attr in _ATTENTION_WEIGHTS if isinstance(getattr(sub, attr, None), nn.Parameter))
+    return names
+
+
+def select_targets(
+    module: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str], head: str | None
+) -> list[str]:
+    """Resolve target parameter names: trainable floating tensors, in ``named_parameters`` order.
+
+    Raises:
+        RobustFTConfigError: a pattern matches no parameter, ``targets`` matches only frozen ones, ``head`` is not a
+            submodule, or nothing is left to mix.
+    """
+    params = dict(module.named_parameters())
+    trainable = {name for name, param in params.items() if param.requires_grad and param.is_floating_point()}
+    if targets is None:
+        candidates = set(default_target_names(module, head)) & set(params)
+    else:
+        candidates = set()
+        for pattern in targets:
+            matched = _matching(params, pattern)
+            if not matched & trainable:
+                raise RobustFTConfigError(_no_match_message("targets", pattern, matched, params))
+            candidates |= matched
+    for pattern in exclude:
+        matched = _matching(params, pattern)
+        if not matched:
+            raise RobustFTConfigError(_no_match_message("exclude", pattern, matched, params))
+        candidates -= matched
+    chosen = [name for name in params if name in candidates and name in trainable]
+    if not chosen:
+        raise RobustFTConfigError(
+            f"GMixoutCallback found no trainable weight to mix in {type(module).__name__} (targets={targets!r}, "
+            f"exclude={list(exclude)!r}, head={head!r}). Name the tensors with `targets`, e.g. "
+            f"{_examples(params)}."
+        )
+    return chosen
+
+
+def derive_seed(initial_seed: int) -> int:
+    """A mask seed from the process seed (splitmix64 finaliser), decorrelated from the streams that seed drives."""
+    z = (initial_seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % (MAX_SEED + 1)
+
+
+def step_was_skipped(scale_before: float, scale_after: float) -> bool:
+    """Whether a ``GradScaler`` skipped the step: its scale shrinks (``backoff_factor < 1``) only on inf/NaN grads."""
+    return scale_after < scale_before
+
+
+def grad_scale(trainer: Trainer) -> float | None:
+    """The AMP loss scale of an enabled ``GradScaler``, or ``None`` when the run has none (fp32, bf16)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return float(scaler.get_scale())
+
+
+def load_anchors(passes: MixoutPasses, names: Sequence[str], anchors: Mapping[str, torch.Tensor]) -> None:
+    """Copy checkpointed anchors into the passes, after checking they cover exactly the current targets."""
+    if set(anchors) != set(names):
+        missing, unexpected = sorted(set(names) - set(anchors)), sorted(set(anchors) - set(names))
+        raise RobustFTConfigError(
+            f"The checkpoint's GMixout anchors do not match the current targets: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}. Resume with the `targets` / `exclude` / `head` the checkpoint was trained with."
+        )
+    with torch.no_grad():
+        for name, anchor in zip(names, passes.anchors, strict=True):
+            if anchors[name].shape != anchor.shape:
+                raise RobustFTConfigError(
+                    f"The checkpoint's GMixout anchor {name!r} has shape {tuple(anchors[name].shape)}, the parameter "
+                    f"{tuple(anchor.shape)}. Resume with the model the checkpoint was trained with."
+                )
+            anchor.copy_(anchors[name])
+
+
+def _resolve_head(module: nn.Module, head: str) -> nn.Module:
+    try:
+        return module.get_submodule(head)
+    except AttributeError:
+        children = [name for name, _ in module.named_children()]
+        raise RobustFTConfigError(
+            f"`head`={head!r} is not a submodule of {type(module).__name__}; its top-level submodules are {children}. "
+            "Pass the dotted name of the classification head (e.g. 'model.fc'), or head=None if there is none."
+        ) from None
+
+
+def _no_match_message(argument: str, pattern: str, matched: set[str], params: Mapping[str, Any]) -> str:
+    if matched:
+        return (
+            f"`{argument}` pattern {pattern!r} matches only frozen parameters ({sorted(matched)[:5]}); GMixout mixes "
+            "trainable ones only. Unfreeze them or drop the pattern."
+        )
+    return (
+        f"`{argument}` pattern {pattern!r} matches no parameter name (patterns are fnmatch globs, e.g. "
+        f"'backbone.*.weight'). Some parameter names: {_examples(params)}."
+    )
+
+
+def _matching(params: Mapping[str, Any], pattern: str) -> set[str]:
+    return {name for name in params if fnmatch.fnmatchcase(name, pattern)}
+
+
+def _examples(params: Mapping[str, Any], count: int = 8) -> list[str]:
+    return list(params)[:count]
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
