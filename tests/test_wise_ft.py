@@ -475,3 +475,24 @@ def test_ddp_ranks_agree_and_write_once(tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / "rank0").iterdir()} >= {"wiseft.csv", "wiseft.json", "wiseft.png"}
     assert len(list((tmp_path / "rank0").glob("wiseft_alpha*.ckpt"))) == 1
     assert not (tmp_path / "rank1").exists()
+
+
+def test_image_classifier_rows_match_its_own_validation(image_folders: dict[str, Path], tmp_path: Path) -> None:
+    from conftest import TinyBackbone
+
+    from lightning_robustft import ImageClassifier, MultiDomainDataModule
+
+    val = {name: image_folders[name] for name in ("id", "ood_full", "ood_subset")}
+    dm = MultiDomainDataModule(image_folders["train"], val, id_set="ood_full", batch_size=4, num_workers=0)
+    model = ImageClassifier(TinyBackbone(), class_names=dm.class_names, lr=0.05, print_table=False)
+    wise = WiSEFTCallback(alphas=[0.0, 1.0], alpha=0.5)
+    trainer = trainer_for(tmp_path, [wise], max_epochs=2)
+    trainer.fit(model, dm)
+    summary = json.loads((tmp_path / "wiseft.json").read_text())
+    assert summary["id_set"] == "ood_full", "the module's id_set is the ID set"
+    assert summary["ood_sets"] == ["id", "ood_subset"]
+    validated = {key: value for logged in trainer.validate(model, dm, verbose=False) for key, value in logged.items()}
+    applied = next(row for row in summary["rows"] if row["alpha"] == 0.5)
+    for name in val:
+        assert applied[name] == pytest.approx(validated[f"val/{name}/acc"], abs=1e-6)
+    assert applied["ood_avg"] == pytest.approx(validated["val/ood_avg/acc"], abs=1e-6)
