@@ -1,0 +1,348 @@
+"""GMixout passes, torch path and dispatch: exact semantics, masks, gradient, validation."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.ops import mixout
+from lightning_robustft.ops.mixout import (
+    MixoutPasses,
+    anchor_reference,
+    draw_keep_mask,
+    keep_threshold,
+    mix_scale,
+    mixin_reference,
+    mixout_grad_reference,
+    resolve_backend,
+    stream_seed,
+)
+
+# Odd sizes, a conv-shaped tensor, and one spanning several CPU chunks (_CPU_CHUNK = 32768).
+SHAPES = [(1,), (7,), (1000,), (4099,), (3, 5, 7), (70001,)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_targets(shapes, dtype, seed=0, device="cpu"):
+    """Anchored tensors, then moved away from the anchor so that kept and held entries differ."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    return params, gen
+
+
+def move(params, gen):
+    for w in params:
+        w.add_(torch.randn(w.shape, generator=gen).to(w.dtype))
+    return [w.clone() for w in params]
+
+
+def assert_mixed_close(got, ref, w, a, p):
+    """|got - ref| within one ulp of the dtype at |ref| plus fp32 rounding of the lerp's terms."""
+    terms = a.double().abs() + w.double().abs() * (1 + mix_scale(p)) + a.double().abs() * mix_scale(p)
+    bound = torch.finfo(got.dtype).eps * ref.double().abs() + 8 * torch.finfo(torch.float32).eps * terms + 1e-30
+    err = (got.double() - ref.double()).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+
+
+def check_pass_semantics(passes, params, anchors, w, period, p, gen):
+    """mix_in / mix_out against the references for the masks the passes report."""
+    passes.mix_in(period)
+    masks = [passes.mask(period, i) for i in range(len(params))]
+    for t, a, w_i, m in zip(params, anchors, w, masks, strict=True):
+        assert torch.equal(t[~m], a[~m].to(t.dtype)), "held entries must be exactly the anchor"
+        assert_mixed_close(t, mixin_reference(w_i, a, m, p), w_i, a, p)
+    fresh = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in params]
+    grads = [g.clone() for g in fresh]
+    grads[1] = None
+    passes.mix_out(period, grads)
+    for t, w_i in zip(params, w, strict=True):
+        assert torch.equal(t, w_i), "mix_out must restore w bitwise"
+    for g, g0, m in zip(grads, fresh, masks, strict=True):
+        if g is not None:
+            assert (g[~m] == 0).all()
+            ref = mixout_grad_reference(g0, m, p)
+            torch.testing.assert_close(g, ref, rtol=torch.finfo(g.dtype).eps, atol=0)
+    assert grads[1] is None
+    return masks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_passes_match_references(dtype, p):
+    params, gen = make_targets(SHAPES, dtype)
+    passes = MixoutPasses(params, p=p, seed=11, backend="torch")
+    anchors = [a.clone() for a in passes.anchors]
+    assert all(a.dtype == torch.float32 for a in anchors)
+    w = move(params, gen)
+    masks = check_pass_semantics(passes, params, anchors, w, period=4, p=p, gen=gen)
+    kept = sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
+    assert abs(kept - (1 - p)) < 0.02
+
+
+def test_p_zero_is_identity():
+    params, gen = make_targets(SHAPES, torch.float32)
+    passes = MixoutPasses(params, p=0.0, seed=0, backend="torch")
+    w = move(params, gen)
+    passes.mix_in(0)
+    assert all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
+    grads = [torch.randn(t.shape, generator=gen) for t in params]
+    before = [g.clone() for g in grads]
+    passes.mix_out(0, grads)
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, before, strict=True))
+    assert passes.mask(0, 3).all()
+
+
+def test_restore_and_state_machine():
+    params, gen = make_targets(SHAPES[:3], torch.float32)
+    passes = MixoutPasses(params, p=0.5, seed=0, backend="torch")
+    w = move(params, gen)
+    passes.mix_in(2)
+    assert passes.mixed
+    assert not all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
+    passes.restore()
+    assert not passes.mixed
+    assert all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
+    # Outside a mix-in restore is a no-op: it must not bring back a stale backup after an optimizer step.
+    for t in params:
+        t.add_(1.0)
+    stepped = [t.clone() for t in params]
+    passes.restore()
+    assert all(torch.equal(t, s) for t, s in zip(params, stepped, strict=True))
+    passes.mix_in(2)
+    with pytest.raises(RuntimeError, match="mix_in"):
+        passes.mix_in(2)
+    with pytest.raises(RuntimeError, match="update_anchor"):
+        passes.update_anchor(0.5)
+    passes.mix_out(2, [None] * 3)
+    with pytest.raises(RuntimeError, match="mix_out"):
+        passes.mix_out(2, [None] * 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_anchor(dtype):
+    params, gen = make_targets(SHAPES, dtype)
+    passes = MixoutPasses(params, p=0.9, seed=0, backend="torch")
+    a0 = [a.clone() for a in passes.anchors]
+    w = move(params, gen)
+    passes.update_anchor(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(passes.anchors, a0, strict=True)), "decay=1 keeps a (Mixout)"
+    passes.update_anchor(0.9)
+    for a, a_prev, w_i in zip(passes.anchors, a0, w, strict=True):
+        torch.testing.assert_close(a, anchor_reference(a_prev, w_i, 0.9), rtol=4e-7, atol=4e-7)
+    passes.update_anchor(0.0)
+    assert all(torch.equal(a, w_i.float()) for a, w_i in zip(passes.anchors, w, strict=True)), "decay=0 copies w"
+
+
+def test_masks_deterministic_distinct_and_cached(monkeypatch):
+    shapes = [(4099,), (4099,)]
+    first = MixoutPasses(make_targets(shapes, torch.float32)[0], p=0.5, seed=5, backend="torch")
+    second = MixoutPasses(make_targets(shapes, torch.float32, seed=1)[0], p=0.5, seed=5, backend="torch")
+    other_seed = MixoutPasses(make_targets(shapes, torch.float32)[0], p=0.5, seed=6, backend="torch")
+    m = first.mask(3, 0)
+    assert torch.equal(m, first.mask(3, 0)) and torch.equal(m, second.mask(3, 0)), "a pure function of the seed"
+    assert not torch.equal(m, first.mask(4, 0)), "new mask each period"
+    assert not torch.equal(m, first.mask(3, 1)), "independent across tensors"
+    assert not torch.equal(m, other_seed.mask(3, 0))
+
+    draws = []
+    monkeypatch.setattr(mixout, "draw_keep_mask", lambda *a, **k: draws.append(a) or draw_keep_mask(*a, **k))
+    params, gen = make_targets(shapes, torch.float32)
+    passes = MixoutPasses(params, p=0.5, seed=5, backend="torch")
+    move(params, gen)
+    passes.mix_in(3)
+    assert len(draws) == 2
+    held_first = [t == a for t, a in zip(params, passes.anchors, strict=True)]
+    passes.mix_out(3, [None, None])
+    passes.mix_in(3)  # same period (resample_every > 1): no redraw, same mask
+    assert len(draws) == 2
+    assert all(torch.equal(t == a, h) for t, a, h in zip(params, passes.anchors, held_first, strict=True))
+    assert torch.equal(held_first[0], ~m), "the mask mix_in uses is the one mask() reports"
+    passes.restore()
+    passes.mix_in(4)
+    assert len(draws) == 4
+    assert not any(torch.equal(t == a, h) for t, a, h in zip(params, passes.anchors, held_first, strict=True))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate(p):
+    n = 200_000
+    keep = draw_keep_mask(n, p, stream_seed(0, 1, 2), torch.device("cpu"))
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_keep_threshold_edges():
+    assert keep_threshold(0.0) == -(2**31)  # every int32 is kept
+    assert keep_threshold(0.5) == 0
+    assert keep_threshold(1 - 2**-40) == 2**31 - 1  # stays a valid int32
+
+
+def test_stream_seed_is_a_pure_64_bit_hash():
+    seeds = {stream_seed(s, r, i) for s in range(3) for r in range(20) for i in range(20)}
+    assert len(seeds) == 3 * 20 * 20
+    assert all(0 <= x < 2**64 for x in seeds)
+    assert stream_seed(7, 3, 2) == stream_seed(7, 3, 2)
+
+
+def test_monte_carlo_expectation_is_w():
+    p, periods = 0.5, 400
+    params, gen = make_targets([(1000,)], torch.float32)
+    passes = MixoutPasses(params, p=p, seed=3, backend="torch")
+    (w,) = move(params, gen)
+    total = torch.zeros(1000, dtype=torch.float64)
+    for r in range(periods):
+        passes.mix_in(r)
+        total += params[0].double()
+        passes.restore()
+    mean = total / periods
+    sigma = (w.double() - passes.anchors[0].double()).abs() * math.sqrt(p / (1 - p) / periods)
+    z = (mean - w.double()).abs() / sigma
+    assert z.max() < 5.0 and z.mean() < 1.0  # E|N(0,1)| = 0.8
+
+
+def hand_written_mixout_grad(lin, x, a, mask, p):
+    """Autograd's gradient of w for loss(x @ w~.T + b) with w~ = a + M*(w - a)/(1-p)."""
+    w = lin.weight.detach().clone().requires_grad_(True)
+    w_tilde = a + mask * (w - a) / (1 - p)
+    loss = (nn.functional.linear(x, w_tilde, lin.bias.detach()).tanh() ** 2).sum()
+    loss.backward()
+    return w.grad, loss.detach()
+
+
+def test_gradient_equals_autograd_of_hand_written_mixout():
+    torch.manual_seed(0)
+    lin = nn.Linear(7, 5)
+    x = torch.randn(11, 7)
+    p, period = 0.6, 3
+    passes = MixoutPasses([lin.weight], p=p, seed=9, backend="torch")
+    with torch.no_grad():
+        lin.weight.add_(torch.randn_like(lin.weight))  # fine-tuned away from the anchor
+    w = lin.weight.detach().clone()
+    passes.mix_in(period)
+    loss = (lin(x).tanh() ** 2).sum()
+    loss.backward()
+    passes.mix_out(period, [lin.weight.grad])
+    ref_grad, ref_loss = hand_written_mixout_grad(lin, x, passes.anchors[0], passes.mask(period, 0), p)
+    assert torch.equal(lin.weight.detach(), w)
+    torch.testing.assert_close(loss.detach(), ref_loss)
+    torch.testing.assert_close(lin.weight.grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_and_foreign_grad_layout():
+    conv = torch.randn(6, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    params = [conv]
+    passes = MixoutPasses(params, p=0.5, seed=1, backend="torch")
+    conv.add_(1.0)
+    w = conv.clone()
+    passes.mix_in(0)
+    m = passes.mask(0, 0)
+    assert m.shape == conv.shape
+    assert torch.equal(conv[~m], passes.anchors[0][~m])
+    assert_mixed_close(conv, mixin_reference(w, passes.anchors[0], m, 0.5), w, passes.anchors[0], 0.5)
+    g0 = torch.randn(6, 3, 5, 5)  # contiguous: laid out unlike its channels_last parameter
+    g = g0.clone()
+    passes.mix_out(0, [g])
+    assert torch.equal(conv, w)
+    torch.testing.assert_close(g, mixout_grad_reference(g0, m, 0.5), rtol=1.2e-7, atol=0)
+
+
+def test_anchors_setter_copies_into_the_buffers():
+    params, _ = make_targets([(7,), (3, 5, 7)], torch.bfloat16)
+    passes = MixoutPasses(params, p=0.5, seed=0, backend="torch")
+    before = [a.data_ptr() for a in passes.anchors]
+    new = [torch.full((7,), 2.0), torch.full((3, 5, 7), -1.0)]
+    passes.anchors = new
+    assert [a.data_ptr() for a in passes.anchors] == before
+    assert all(torch.equal(a, n) for a, n in zip(passes.anchors, new, strict=True))
+    with pytest.raises(RobustFTConfigError, match="`anchors`"):
+        passes.anchors = new[:1]
+    with pytest.raises(RobustFTConfigError, match=r"`anchors\[1\]`"):
+        passes.anchors = [new[0], torch.zeros(3)]
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), True, "0.5"])
+def test_bad_p(p):
+    with pytest.raises(RobustFTConfigError, match=r"`p`.*\[0, 1\)"):
+        MixoutPasses([torch.zeros(3)], p=p, seed=0)
+
+
+def test_bad_arguments():
+    ok = [torch.zeros(3)]
+    cases = [
+        (lambda: MixoutPasses(ok, 0.5, seed=-1), "`seed`"),
+        (lambda: MixoutPasses(ok, 0.5, seed=1.5), "`seed`"),
+        (lambda: MixoutPasses([], 0.5, 0), "`params` is empty"),
+        (lambda: MixoutPasses([torch.zeros(3, dtype=torch.int64)], 0.5, 0), r"`params\[0\]`.*torch.int64"),
+        (lambda: MixoutPasses([torch.zeros(3, dtype=torch.float64)], 0.5, 0), r"`params\[0\]`.*float64"),
+        (lambda: MixoutPasses([torch.zeros(3), torch.zeros(3, device="meta")], 0.5, 0), r"`params\[1\]` is on meta"),
+        (lambda: MixoutPasses([torch.zeros(4, 4)[:, ::2]], 0.5, 0), r"`params\[0\]`.*not dense"),
+        (lambda: MixoutPasses(ok, 0.5, 0, backend="cuda"), "`backend`"),
+    ]
+    for make, message in cases:
+        with pytest.raises(RobustFTConfigError, match=message):
+            make()
+    passes = MixoutPasses([torch.zeros(3), torch.zeros(2, 2)], 0.5, 0, backend="torch")
+    for call, message in [
+        (lambda: passes.mix_in(-1), "`period`"),
+        (lambda: passes.mask(0, 2), "`index`"),
+        (lambda: passes.update_anchor(1.5), "`decay`"),
+        (lambda: passes.update_anchor(-0.1), "`decay`"),
+    ]:
+        with pytest.raises(RobustFTConfigError, match=message):
+            call()
+    passes.mix_in(0)
+    for grads, message in [
+        ([None], "`grads` needs 2"),
+        ([torch.zeros(4), None], r"`grads\[0\]`.*shape \(3,\)"),
+        ([None, torch.zeros(2, 2, dtype=torch.float16)], r"`grads\[1\]`.*float16"),
+    ]:
+        with pytest.raises(RobustFTConfigError, match=message):
+            passes.mix_out(0, grads)
+    assert passes.mixed, "a rejected mix_out leaves the state unchanged"
+
+
+def test_resolve_backend(monkeypatch):
+    cpu = [torch.zeros(2)]
+    assert resolve_backend("torch", cpu) == "torch"
+    assert resolve_backend("auto", cpu) == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RobustFTConfigError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu) == "triton"
+    monkeypatch.setattr(mixout, "_triton_importable", lambda: False)
+    with pytest.raises(RobustFTConfigError, match="needs the `triton` package"):
+        resolve_backend("triton", cpu)
+    with pytest.raises(RobustFTConfigError, match="got tensors on"):
+        monkeypatch.setattr(mixout, "_triton_importable", lambda: True)
+        resolve_backend("triton", [torch.zeros(2, device="meta")])
+
+
+@pytest.mark.slow
+def test_works_without_triton():
+    """The package and the torch path import and run where Triton is missing (macOS, Windows, CPU-only installs)."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, lightning_robustft\n"
+        "from lightning_robustft.errors import RobustFTConfigError\n"
+        "from lightning_robustft.ops.mixout import MixoutPasses, resolve_backend\n"
+        "passes = MixoutPasses([torch.randn(10)], 0.5, 0)\n"
+        "assert passes.backend == 'torch'\n"
+        "passes.mix_in(0); passes.mix_out(0, [torch.ones(10)])\n"
+        "try:\n"
+        "    resolve_backend('triton', [torch.zeros(1)])\n"
+        "except RobustFTConfigError as err:\n"
+        "    assert 'needs the `triton` package' in str(err)\n"
+        "else:\n"
+        "    raise AssertionError('triton backend accepted without triton')\n"
+        "assert 'lightning_robustft.ops.mixout_triton' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
