@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import pytest
 import torch
@@ -17,6 +19,7 @@ from _gmixout_helpers import (
     params_of,
     reference_gmixout,
 )
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
@@ -257,6 +260,26 @@ def test_exception_mid_step_leaves_w() -> None:
     model.raise_at_step = 2
     with pytest.raises(RuntimeError, match="planned failure"):
         make_trainer([callback, recorder], max_steps=4).fit(model, make_loader(4))
+    assert not callback.passes.mixed
+    assert_params_equal(params_of(model), recorder.after_step[-1])
+
+
+class StopAfterBatch(Callback):
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if args[-1] == self.batch_idx:
+            trainer.should_stop = True
+
+
+def test_stop_between_micro_batches_leaves_w() -> None:
+    """Early stopping after the first micro-batch of a step (the parameters hold w~ then) ends fit with ``w``."""
+    callback = GMixoutCallback(p=0.9, targets=TARGETS, seed=0)
+    model, recorder = make_model(), Recorder()
+    trainer = make_trainer([callback, recorder, StopAfterBatch(2)], max_steps=5, accumulate_grad_batches=2)
+    trainer.fit(model, make_loader(10))
+    assert trainer.global_step == callback.step == 1
     assert not callback.passes.mixed
     assert_params_equal(params_of(model), recorder.after_step[-1])
 
