@@ -41,6 +41,7 @@ THETA_0_KEY = "wiseft_theta_0"
 """Checkpoint key under which :class:`WiSEFTCallback` stores theta_0 (CPU float tensors of the state dict)."""
 
 ALPHA_KEY = "alpha"
+_DIGITS = 6  # accuracies in the files: float32 ratios, so 6 decimals keep every meaningful digit
 
 
 class WiSEFTCallback(Callback):
@@ -406,7 +407,7 @@ def make_summary(
     selected_alpha: float,
     checkpoint: str | Path | None,
 ) -> dict[str, Any]:
-    """The content of ``wiseft.json``: the sweep and what was applied."""
+    """The content of ``wiseft.json``: the sweep (accuracies rounded to 6 decimals) and what was applied."""
     ood_sets = [key for key in rows[0] if key not in (ALPHA_KEY, OOD_AVERAGE, id_set)]
     return {
         "id_set": id_set,
@@ -414,7 +415,9 @@ def make_summary(
         "select": select,
         "selected_alpha": selected_alpha,
         "checkpoint": None if checkpoint is None else str(checkpoint),
-        "rows": [dict(row) for row in rows],
+        "rows": [
+            {key: value if key == ALPHA_KEY else round(value, _DIGITS) for key, value in row.items()} for row in rows
+        ],
     }
 
 
