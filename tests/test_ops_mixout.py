@@ -38,7 +38,7 @@ def make_targets(shapes, dtype, seed=0, device="cpu"):
 
 def move(params, gen):
     for w in params:
-        w.add_(torch.randn(w.shape, generator=gen).to(w.dtype))
+        w.add_(torch.randn(w.shape, generator=gen).to(device=w.device, dtype=w.dtype))
     return [w.clone() for w in params]
 
 
@@ -57,7 +57,7 @@ def check_pass_semantics(passes, params, anchors, w, period, p, gen):
     for t, a, w_i, m in zip(params, anchors, w, masks, strict=True):
         assert torch.equal(t[~m], a[~m].to(t.dtype)), "held entries must be exactly the anchor"
         assert_mixed_close(t, mixin_reference(w_i, a, m, p), w_i, a, p)
-    fresh = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in params]
+    fresh = [torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype) for t in params]
     grads = [g.clone() for g in fresh]
     grads[1] = None
     passes.mix_out(period, grads)
