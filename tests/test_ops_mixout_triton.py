@@ -236,7 +236,7 @@ def test_one_launch_per_pass_and_dtype(monkeypatch):
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_with_vector_accesses():
-    """Compile (no GPU needed) for an H100 and check that full blocks use 128-bit loads and stores.
+    """Compile for an H100 (no GPU needed): full blocks use 128-bit loads and stores; compiled kernels refuse CPU.
 
     Guards the pointer-table design: without the alignment hint on the int -> pointer cast, or with masks on full
     blocks, Triton emits scalar accesses (measured here while building it).
@@ -260,6 +260,17 @@ for fn, sig in ((mt._mix_in_kernel, mix), (mt._mix_out_kernel, out), (mt._anchor
     assert found == {"ld.global.v4.b32", "st.global.v4.b32"}, (fn.__name__, found)
 for dtype in (tl.bfloat16, tl.float16):  # 16-bit params: they compile (bf16 rounding by integer ops included)
     accesses(mt._mix_in_kernel, mix, dtype), accesses(mt._mix_out_kernel, out, dtype)
+# Kernels defined compiled never receive CPU tensors, even if the environment changes afterwards.
+import os, torch
+from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.ops.mixout import MixoutPasses
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    MixoutPasses([torch.zeros(3)], 0.5, 0, backend="triton")
+except RobustFTConfigError as err:
+    assert "defined compiled" in str(err), err
+else:
+    raise AssertionError("compiled kernels accepted CPU tensors")
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -22,13 +22,14 @@ lie entirely inside their tensor take an unmasked branch, so loads and stores ar
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
+from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import as_int64, flat_view, mix_scale, stream_seed
 
 PHILOX_COLS = 512
@@ -43,7 +44,12 @@ def block_rows() -> int:
 
     Each interpreted program costs milliseconds of Python whatever its size, so the interpreter gets large blocks.
     """
-    return 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1
+    return 16 if kernels_interpreted() else 1
+
+
+def kernels_interpreted() -> bool:
+    """Whether this module's kernels were defined for the interpreter (TRITON_INTERPRET=1 when it was imported)."""
+    return isinstance(_mask_kernel, InterpretedFunction)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -299,6 +305,13 @@ class TritonPasses:
         self._params, self._backups, self._anchors = params, backups, anchors
         self._p, self._seed, self._scale = p, seed, mix_scale(p)
         self._device = params[0].device
+        if kernels_interpreted() != (self._device.type == "cpu"):
+            mode, env = ("interpreted", "1") if kernels_interpreted() else ("compiled", "not 1")
+            raise RobustFTConfigError(
+                f"The GMixout Triton kernels were defined {mode} (TRITON_INTERPRET was {env} when they were first "
+                f"imported) but the targets are on {self._device}: interpreted kernels take CPU tensors, compiled "
+                "ones CUDA tensors. Set TRITON_INTERPRET before the first use in the process, or use backend='torch'."
+            )
         self._rows = block_rows()
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(params):
