@@ -346,3 +346,13 @@ def test_works_without_triton():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_empty_target_is_carried_along():
+    params = [torch.zeros(0), torch.randn(5)]
+    passes = MixoutPasses(params, p=0.5, seed=0, backend="torch")
+    params[1].add_(1.0)
+    w = params[1].clone()
+    passes.mix_in(0)
+    passes.mix_out(0, [torch.zeros(0), torch.ones(5)])
+    assert torch.equal(params[1], w) and passes.mask(0, 0).numel() == 0

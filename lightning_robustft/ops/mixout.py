@@ -301,7 +301,7 @@ class _TorchPasses:
         self._params, self._backups, self._anchors = params, backups, anchors
         self._p, self._seed, self._scale = p, seed, mix_scale(p)
         self._device = params[0].device
-        self._chunk = _CPU_CHUNK if self._device.type == "cpu" else max(t.numel() for t in params)
+        self._chunk = _CPU_CHUNK if self._device.type == "cpu" else max(1, *(t.numel() for t in params))
         self._masks: list[torch.Tensor] = []
         self._mask_period: int | None = None
 
@@ -343,7 +343,7 @@ class _TorchPasses:
             flat_g = None if target is None else flat_view(target)
             for s in self._spans(flat_w.numel()):
                 flat_w[s].copy_(flat_b[s])
-                if flat_g is not None and masks:
+                if flat_g is not None:
                     _scale_grad_chunk(flat_g[s], self._weight(masks[i][s], scratch[0]), scratch[1])
             if target is not None and target is not g:
                 g.copy_(target)
