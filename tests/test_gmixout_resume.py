@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from _gmixout_helpers import assert_params_equal, make_loader, make_model, make_trainer, params_of
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_robustft.callbacks.gmixout import ANCHORS_CHECKPOINT_KEY, GMixoutCallback
 from lightning_robustft.errors import RobustFTConfigError
@@ -19,11 +21,17 @@ def _callback(resample_every: int, targets: list[str] = TARGETS) -> GMixoutCallb
     return GMixoutCallback(p=0.7, resample_every=resample_every, anchor_decay=0.5, targets=targets)
 
 
-def _run(callback: GMixoutCallback, steps: int, global_seed: int, ckpt_path: Path | None = None) -> torch.nn.Module:
+def _run(
+    callback: GMixoutCallback,
+    steps: int,
+    global_seed: int,
+    ckpt_path: Path | None = None,
+    extra: Sequence[Callback] = (),
+) -> torch.nn.Module:
     model = make_model()
     L.seed_everything(global_seed, verbose=False)  # after make_model, which seeds its own initialisation
     # One full batch per epoch, so that every checkpoint is at an epoch boundary and the data resume exactly.
-    make_trainer([callback], max_steps=steps).fit(model, make_loader(1), ckpt_path=ckpt_path)
+    make_trainer([callback, *extra], max_steps=steps).fit(model, make_loader(1), ckpt_path=ckpt_path)
     return model
 
 
@@ -55,3 +63,28 @@ def test_resuming_with_other_targets_is_refused(tmp_path: Path) -> None:
     first.trainer.save_checkpoint(tmp_path / "step2.ckpt")
     with pytest.raises(RobustFTConfigError, match=r"anchors do not match the current targets.*unexpected \['backbone"):
         _run(_callback(1, targets=TARGETS[:1]), 3, global_seed=0, ckpt_path=tmp_path / "step2.ckpt")
+
+
+def test_resuming_with_other_levers_warns(tmp_path: Path) -> None:
+    first = _run(_callback(2), 2, global_seed=0)
+    first.trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    with pytest.warns(UserWarning, match=r"trained with \{'p': 0.7, 'resample_every': 2, 'anchor_decay': 0.5\}"):
+        _run(_callback(3), 3, global_seed=0, ckpt_path=tmp_path / "step2.ckpt")
+
+
+class AnchorProbe(Callback):
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        gmixout = next(cb for cb in trainer.callbacks if isinstance(cb, GMixoutCallback))
+        self.anchors = [anchor.clone() for anchor in gmixout.passes.anchors]
+
+
+def test_resuming_from_a_plain_checkpoint_anchors_at_its_weights(tmp_path: Path) -> None:
+    plain = make_model()
+    make_trainer([], max_steps=2).fit(plain, make_loader(1))
+    plain.trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    callback, probe = _callback(1), AnchorProbe()
+    with pytest.warns(UserWarning, match="no 'gmixout_anchors'.*checkpoint's weights"):
+        _run(callback, 3, global_seed=0, ckpt_path=tmp_path / "plain.ckpt", extra=[probe])
+    assert callback.step == 1
+    for name, anchor in zip(TARGETS, probe.anchors, strict=True):
+        assert torch.equal(anchor, params_of(plain)[name])

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
@@ -270,6 +270,11 @@ class GMixoutCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the checkpointed run: its seed and counters win over the constructor's seed."""
+        levers = ("p", "resample_every", "anchor_decay")
+        saved = {key: state_dict[key] for key in levers if key in state_dict}
+        current = {key: getattr(self, key) for key in levers}
+        if any(current[key] != value for key, value in saved.items()):
+            rank_zero_warn(f"GMixoutCallback: the checkpoint was trained with {saved}; resuming with {current}.")
         if state_dict.get("seed") is not None:
             self._seed = int(state_dict["seed"])
         self._step = int(state_dict.get("step", self._step))
@@ -292,7 +297,13 @@ class GMixoutCallback(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Keep the checkpoint's anchors for the passes that are built when training starts."""
-        if trainer.state.fn != TrainerFn.FITTING or ANCHORS_CHECKPOINT_KEY not in checkpoint:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if ANCHORS_CHECKPOINT_KEY not in checkpoint:
+            rank_zero_warn(
+                f"GMixoutCallback: the checkpoint has no {ANCHORS_CHECKPOINT_KEY!r} (it was not trained with "
+                "GMixoutCallback), so the anchors start at the checkpoint's weights, not at the pretrained ones."
+            )
             return
         self._loaded_anchors = checkpoint[ANCHORS_CHECKPOINT_KEY]
 
