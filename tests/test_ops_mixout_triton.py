@@ -21,6 +21,7 @@ import torch
 from test_ops_mixout import assert_mixed_close, check_pass_semantics, make_targets, move
 from torch import nn
 
+from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import (
     MixoutPasses,
     anchor_reference,
@@ -213,6 +214,15 @@ def test_unaligned_views_and_moved_storage():
     passes.restore()
     assert all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
     assert base[0] == outside  # the element before the view is not part of any block
+
+
+def test_gradient_laid_out_unlike_its_parameter_is_refused():
+    params = [torch.randn(6, 3, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)]
+    passes = triton_passes(params, p=0.5, seed=0)
+    passes.mix_in(0)
+    with pytest.raises(RobustFTConfigError, match=r"`grads\[0\]` has strides"):
+        passes.mix_out(0, [torch.randn(6, 3, 5, 5, device=DEVICE)])
+    passes.restore()
 
 
 def test_one_launch_per_pass_and_dtype(monkeypatch):

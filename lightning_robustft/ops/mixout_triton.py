@@ -339,8 +339,8 @@ class TritonPasses:
         """Restore ``w`` and scale the gradients, one launch per dtype."""
         for i, g in enumerate(grads):
             if g is not None and g.stride() != self._params[i].stride():
-                raise RuntimeError(
-                    f"grads[{i}] has strides {g.stride()} but its parameter {self._params[i].stride()}: the Triton "
+                raise RobustFTConfigError(
+                    f"`grads[{i}]` has strides {g.stride()} but its parameter {self._params[i].stride()}: the Triton "
                     "path needs gradients laid out like their parameters; use backend='torch'."
                 )
         for dtype, group in self._groups.items():
