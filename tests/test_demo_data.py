@@ -111,3 +111,5 @@ def test_outline_is_hollow():
     assert ring[0, 16, 16] == 0.0  # inside is empty
     assert ring[0, 7, 16] == 1.0 and ring[0, 16, 24] == 1.0  # the edge of the bolded square is ink
     assert ring[0, 5, 16] == 0.0  # outside is empty
+    wider = demo.outline(square, bold=1, width=1.5)
+    assert wider[0, 8, 16] == 0.5 and wider[0, 16, 16] == 0.0  # a fractional width half-inks the inner ring
