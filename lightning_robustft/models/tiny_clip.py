@@ -1,6 +1,6 @@
 """The tiny "pretrained" CLIP shipped with the package, so the CLIP workflow runs offline on a laptop CPU.
 
-A real ``open_clip`` model (a ViT image tower at 32 px and a narrow text tower, about 2.2 M parameters) whose
+A real ``open_clip`` model (a ViT image tower at 32 px and a narrow text tower, about 2.4 M parameters) whose
 architecture is the JSON file ``assets/robustft-tiny-clip.json`` and whose weights, pretrained contrastively on the
 demo's ``pretrain`` digits by ``scripts/pretrain_tiny_clip.py``, are ``assets/tiny_clip_mnist.pt`` (fp16, a few MB).
 It loads through open_clip's own code path, exactly as a downloaded CLIP would::
