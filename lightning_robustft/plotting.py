@@ -88,6 +88,65 @@ def plot_id_vs_ood(
     return figure
 
 
+def plot_method_comparison(
+    points: Mapping[str, tuple[float, float, float, float]],
+    path: str | Path | None = None,
+    *,
+    id_label: str = "ID accuracy",
+    ood_label: str = "OOD-average accuracy",
+    title: str | None = None,
+    percent: bool = True,
+) -> Figure:
+    """Scatter methods on the ID-vs-OOD plane, each with its spread over seeds as error bars.
+
+    Methods that sit up and to the right of full fine-tuning keep more robustness for the same ID accuracy; the
+    error bars show whether a gap is larger than the seed-to-seed noise.
+
+    Args:
+        points: ``{method: (id_mean, id_std, ood_mean, ood_std)}``, accuracies as fractions in ``[0, 1]``.
+        path: where to write the image (format from the suffix); ``None`` only returns the figure.
+        id_label: the x-axis label.
+        ood_label: the y-axis label.
+        title: the axes title.
+        percent: show accuracies in percent.
+
+    Returns:
+        The figure, not registered with ``pyplot``.
+
+    Raises:
+        RobustFTConfigError: no points.
+    """
+    if not points:
+        raise RobustFTConfigError("`points` is empty: give at least one method to plot.")
+    scale = 100.0 if percent else 1.0
+    figure = Figure(figsize=(7.5, 5.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    markers = "osD^vP*Xh<>p"
+    for index, (name, (id_mean, id_std, ood_mean, ood_std)) in enumerate(points.items()):
+        axes.errorbar(
+            id_mean * scale,
+            ood_mean * scale,
+            xerr=id_std * scale,
+            yerr=ood_std * scale,
+            fmt=markers[index % len(markers)],
+            markersize=7,
+            capsize=3,
+            label=name,
+        )
+    unit = " (%)" if percent else ""
+    axes.set_xlabel(id_label + unit)
+    axes.set_ylabel(ood_label + unit)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        axes.set_title(title)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    return figure
+
+
 def _points(
     rows: Sequence[Mapping[str, float]], id_key: str, ood_key: str, label_key: str
 ) -> list[tuple[float, float, float]]:
