@@ -1,0 +1,297 @@
+"""``WeightPenaltyCallback``: L2-SP and L1 penalties toward the weights at the start of fit, added to the gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_robustft.callbacks.gmixout import _examples, _matching, _no_match_message, _resolve_head
+from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.ops.penalty import Norm, add_penalty_grad_, check_norm, check_strength, make_anchors
+
+#: Checkpoint key holding ``{callback state_key: {parameter name: anchor}}`` (fp32 anchors, fp64 for fp64 weights).
+#: Keyed by the callback's ``state_key`` so that several instances (e.g. L1 and L2 together) keep their own anchors.
+ANCHORS_CHECKPOINT_KEY = "weight_penalty_anchors"
+
+_SHARDED_STRATEGIES: dict[type[Strategy], str] = {
+    FSDPStrategy: "it shards parameters and gradients across ranks, while the penalty reads whole weight tensors and "
+    "their full gradients",
+    ModelParallelStrategy: "it holds parameters and gradients as sharded DTensors, while the penalty reads whole "
+    "weight tensors",
+    DeepSpeedStrategy: "its engine owns the optimizer step and ZeRO partitions, so the full gradients the penalty is "
+    "added to are not in `param.grad`",
+}
+
+
+class WeightPenaltyCallback(Callback):
+    r"""L2-SP / L1 penalty toward the pretrained weights: fine-tune, but stay near where you started.
+
+    Plain weight decay pulls every weight toward zero, which for a pretrained network means toward forgetting. L2-SP
+    (Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", ICML 2018)
+    pulls toward the *starting point* instead, adding ``strength/2 * ||w - w0||^2`` to the loss, where ``w0`` are the
+    weights at the start of fit (the pretrained ones): the model moves only as far as the fine-tuning data asks,
+    keeping more of the pretrained features that matter under distribution shift. ``norm="l1"`` uses
+    ``strength * ||w - w0||_1``, a constant pull that keeps most entries at their pretrained values.
+
+    The gradient of the penalty is known in closed form, so nothing is added to the loss or the graph: in
+    ``on_before_optimizer_step`` (gradients complete, DDP-reduced, AMP-unscaled, before clipping) the callback adds
+    ``strength * (w - w0)`` (L2) or ``strength * sign(w - w0)`` (L1; 0 where ``w == w0``) to each target's gradient,
+    in one multi-tensor pass in fp32. So:
+
+    * the result is the same as adding the penalty to the loss with this optimizer (including momentum, Adam's
+      normalisation and gradient clipping, which see the penalised gradient), once per optimizer step whatever
+      ``accumulate_grad_batches`` is;
+    * every DDP rank adds the same penalty to the same reduced gradient, so the replicas stay identical;
+    * a parameter whose ``grad`` is ``None`` in a step (frozen, or unused) gets no penalty in that step.
+
+    The anchors ``w0`` are fp32 copies of the target tensors (fp64 for fp64 weights), taken on the training device
+    when training starts (``on_train_start``); never a copy of the module. They go into every checkpoint under
+    ``"weight_penalty_anchors"`` (:data:`ANCHORS_CHECKPOINT_KEY`), so a resumed fit pulls toward the original
+    ``w0``, not toward the weights it resumes from. After fit they move to the CPU to free accelerator memory. Nothing
+    is added to the module: the trained model is the plain model. Sharded strategies (FSDP, DeepSpeed, model
+    parallel) and manual optimization are refused in ``setup``.
+
+    Targets are parameter names (as in ``pl_module.named_parameters()``) matched by shell-style globs (``fnmatch``;
+    ``*`` also crosses dots). By default: every trainable floating-point parameter outside the ``head`` submodule,
+    biases and norms included, as in L2-SP. The head is new, so it has no pretrained value to be pulled toward; L2-SP
+    gives it plain weight decay, which the optimizer's ``weight_decay`` already provides.
+
+    Args:
+        strength: the penalty coefficient (``alpha`` in the L2-SP paper), finite and ``>= 0``; 0 disables the
+            penalty. With SGD, L2-SP's values are around 1e-3 to 1e-1; with Adam/AdamW the penalty gradient is
+            normalised like the rest of the gradient, so useful values differ: tune it.
+        norm: ``"l2"`` (L2-SP, ``strength/2 * ||w - w0||^2``) or ``"l1"`` (``strength * ||w - w0||_1``).
+        targets: globs over parameter names selecting the penalised tensors (default: see above). Each must match
+            a trainable parameter.
+        exclude: globs removing parameters from the targets. Each must match a parameter.
+        head: dotted name of the classification head, left out of the default targets; ``None`` when the module has
+            no head to leave out (then every trainable parameter is penalised).
+
+    Example::
+
+        trainer = Trainer(callbacks=[WeightPenaltyCallback(strength=0.01, norm="l2")])
+        trainer.fit(model, datamodule=dm)
+
+    In a LightningCLI config::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_robustft.callbacks.weight_penalty.WeightPenaltyCallback
+              init_args: {strength: 0.01, norm: l2, head: head}
+    """
+
+    def __init__(
+        self,
+        strength: float = 0.01,
+        norm: Norm = "l2",
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        head: str | None = "head",
+    ) -> None:
+        self.strength = check_strength(strength)
+        self.norm: Norm = check_norm(norm)
+        for name, patterns in (("targets", targets), ("exclude", exclude)):
+            if patterns is not None and (
+                isinstance(patterns, str) or not all(isinstance(pat, str) and pat for pat in patterns)
+            ):
+                raise RobustFTConfigError(
+                    f"`{name}`={patterns!r} must be a list of non-empty glob patterns over parameter names, "
+                    "e.g. ['backbone.*']."
+                )
+        if targets is not None and not targets:
+            raise RobustFTConfigError("`targets`=[] selects nothing; pass None for the default targets.")
+        if head is not None and (not isinstance(head, str) or not head):
+            raise RobustFTConfigError(f"`head`={head!r} must be a dotted submodule name such as 'head', or None.")
+        self.targets = list(targets) if targets is not None else None
+        self.exclude = list(exclude) if exclude is not None else []
+        self.head = head
+        self._target_names: list[str] = []
+        self._params: list[nn.Parameter] = []
+        self._anchors: list[torch.Tensor] = []
+        self._loaded_anchors: Mapping[str, torch.Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Per-configuration key, so several instances (an L1 and an L2 one, different targets) can share a Trainer.
+
+        ``strength`` is left out: a fit may resume with another strength and still find its anchors.
+        """
+        return self._generate_state_key(norm=self.norm, targets=self.targets, exclude=self.exclude, head=self.head)
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the penalised parameters, resolved at ``setup``."""
+        return list(self._target_names)
+
+    @property
+    def anchors(self) -> dict[str, torch.Tensor]:
+        """``{name: w0}``: the anchors the targets are pulled toward (empty before training starts)."""
+        return dict(zip(self._target_names, self._anchors, strict=False))
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse what cannot be served and resolve the targets; the anchors are taken when training starts."""
+        if stage != TrainerFn.FITTING:
+            return
+        check_supported(trainer.strategy, pl_module)
+        self._target_names = select_penalty_targets(pl_module, self.targets, self.exclude, self.head)
+        self._params = []
+        self._anchors = []
+        self._loaded_anchors = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Snapshot ``w0`` on the training device, or take it from the checkpoint a fit resumes from."""
+        params = dict(pl_module.named_parameters())
+        self._params = [params[name] for name in self._target_names]
+        self._anchors = make_anchors(self._params)
+        source = "the weights at the start of fit"
+        if self._loaded_anchors is not None:
+            load_anchors(self._anchors, self._target_names, self._loaded_anchors)
+            self._loaded_anchors = None
+            source = "the checkpoint's anchors (the weights at the first start)"
+        penalised = sum(param.numel() for param in self._params)
+        trainable = sum(param.numel() for param in params.values() if param.requires_grad)
+        rank_zero_info(
+            f"WeightPenaltyCallback: {self.norm.upper()} penalty toward {source}, strength={self.strength}, on "
+            f"{len(self._params)} tensors ({penalised:,} of {trainable:,} trainable entries)."
+        )
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        """Add the penalty's gradient to the complete (reduced, unscaled) gradients, once per optimizer step."""
+        if not self._anchors or self.strength == 0.0:
+            return
+        add_penalty_grad_(self._params, self._anchors, [param.grad for param in self._params], self.strength, self.norm)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Move the anchors to the CPU after fit: still available and checkpointed, but off the accelerator."""
+        if stage == TrainerFn.FITTING and self._anchors:
+            self._anchors = [anchor.cpu() for anchor in self._anchors]
+            self._params = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The configuration (the anchors go into the checkpoint via ``on_save_checkpoint``)."""
+        return {"strength": self.strength, "norm": self.norm}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when resuming with another strength; the constructor's value is used."""
+        saved = state_dict.get("strength")
+        if saved is not None and saved != self.strength:
+            rank_zero_warn(
+                f"WeightPenaltyCallback: the checkpoint was trained with strength={saved}; resuming with "
+                f"strength={self.strength}."
+            )
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Store the anchors under ``"weight_penalty_anchors"`` / this callback's ``state_key``."""
+        anchors = self.anchors or self._loaded_anchors
+        if anchors:
+            checkpoint.setdefault(ANCHORS_CHECKPOINT_KEY, {})[self.state_key] = dict(anchors)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Keep the checkpoint's anchors for ``on_train_start``; warn when a fit resumes from a checkpoint without."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        stored = checkpoint.get(ANCHORS_CHECKPOINT_KEY, {})
+        if self.state_key in stored:
+            self._loaded_anchors = stored[self.state_key]
+        elif len(stored) == 1:
+            # One penalty callback before and one now, configured differently (e.g. `targets` spelled otherwise):
+            # its anchors are the best available w0; `on_train_start` checks they cover exactly the current targets.
+            self._loaded_anchors = next(iter(stored.values()))
+        else:
+            rank_zero_warn(
+                f"WeightPenaltyCallback: the checkpoint has no {ANCHORS_CHECKPOINT_KEY!r} entry for {self.state_key} "
+                "(it was not trained with this callback), so the penalty pulls toward the weights the fit resumes "
+                "from, not toward the pretrained ones."
+            )
+
+
+def check_supported(strategy: Strategy, pl_module: LightningModule) -> None:
+    """Raise for what the penalty cannot serve: sharded strategies and manual optimization.
+
+    The same strategies as ``GMixoutCallback`` refuses, with messages that name this callback and its reasons.
+    """
+    for cls, why in _SHARDED_STRATEGIES.items():
+        if isinstance(strategy, cls):
+            raise RobustFTConfigError(
+                f"WeightPenaltyCallback does not support strategy {type(strategy).__name__}: {why}. Use "
+                "strategy='ddp' (or a single device)."
+            )
+    if not pl_module.automatic_optimization:
+        raise RobustFTConfigError(
+            f"WeightPenaltyCallback needs automatic optimization, but {type(pl_module).__name__}."
+            "automatic_optimization is False: with manual optimization the module steps the optimizer itself, and "
+            "the callback's `on_before_optimizer_step` would not see the gradients of every step. Use automatic "
+            "optimization, or add the penalty to your loss (`lightning_robustft.ops.penalty.penalty_value`)."
+        )
+
+
+def select_penalty_targets(
+    module: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str], head: str | None
+) -> list[str]:
+    """Resolve the penalised parameter names: trainable floating tensors, in ``named_parameters`` order.
+
+    Without ``targets``: every trainable floating-point parameter outside ``head``.
+
+    Raises:
+        RobustFTConfigError: a pattern matches no parameter, ``targets`` matches only frozen ones, ``head`` is not a
+            submodule, or nothing is left to penalise.
+    """
+    params = dict(module.named_parameters())
+    trainable = {name for name, param in params.items() if param.requires_grad and param.is_floating_point()}
+    if targets is None:
+        if head is not None:
+            _resolve_head(module, head)
+        candidates = {name for name in params if head is None or not name.startswith(head + ".")}
+    else:
+        candidates = set()
+        for pattern in targets:
+            matched = _matching(params, pattern)
+            if not matched:
+                raise RobustFTConfigError(_no_match_message("targets", pattern, matched, params))
+            if not matched & trainable:
+                raise RobustFTConfigError(
+                    f"`targets` pattern {pattern!r} matches only frozen or non-floating parameters "
+                    f"({sorted(matched)[:5]}); the penalty acts through gradients, so only trainable ones can be "
+                    "penalised. Unfreeze them or drop the pattern."
+                )
+            candidates |= matched
+    for pattern in exclude:
+        matched = _matching(params, pattern)
+        if not matched:
+            raise RobustFTConfigError(_no_match_message("exclude", pattern, matched, params))
+        candidates -= matched
+    chosen = [name for name in params if name in candidates and name in trainable]
+    if not chosen:
+        raise RobustFTConfigError(
+            f"WeightPenaltyCallback found no trainable parameter to penalise in {type(module).__name__} "
+            f"(targets={targets!r}, exclude={list(exclude)!r}, head={head!r}). Name the tensors with `targets`, e.g. "
+            f"{_examples(params)}."
+        )
+    return chosen
+
+
+def load_anchors(anchors: Sequence[torch.Tensor], names: Sequence[str], stored: Mapping[str, torch.Tensor]) -> None:
+    """Copy checkpointed anchors into ``anchors`` (in place), after checking they cover exactly the targets."""
+    if set(stored) != set(names):
+        missing, unexpected = sorted(set(names) - set(stored)), sorted(set(stored) - set(names))
+        raise RobustFTConfigError(
+            f"The checkpoint's weight-penalty anchors do not match the current targets: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Resume with the `targets` / `exclude` / `head` the checkpoint was trained "
+            "with."
+        )
+    with torch.no_grad():
+        for name, anchor in zip(names, anchors, strict=True):
+            if stored[name].shape != anchor.shape:
+                raise RobustFTConfigError(
+                    f"The checkpoint's weight-penalty anchor {name!r} has shape {tuple(stored[name].shape)}, the "
+                    f"parameter {tuple(anchor.shape)}. Resume with the model the checkpoint was trained with."
+                )
+            anchor.copy_(stored[name])
