@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_robustft.errors import RobustFTConfigError
@@ -23,6 +25,14 @@ from lightning_robustft.metrics import (
     sanitize_set_name,
 )
 from lightning_robustft.models.backbones import build_backbone
+from lightning_robustft.models.distillation import (
+    DISTILL_MODES,
+    TEACHER_CHECKPOINT_KEY,
+    DistillMode,
+    FrozenTeacher,
+    feature_distillation_loss,
+    logit_distillation_loss,
+)
 from lightning_robustft.models.prompts import resolve_prompt_names, resolve_templates
 from lightning_robustft.models.schedules import warmup_cosine
 
@@ -38,6 +48,14 @@ class ImageClassifier(LightningModule):
     is logged as ``val/<set>/<metric>`` and, for every set but the ID one, enters ``val/ood_avg/<metric>``. The names
     come from ``val_sets`` or, when it is ``None``, from the data module's ``val_set_names`` (or the keys of the dict
     that ``val_dataloader()`` returns) at ``setup``.
+
+    With ``distill="logits"`` or ``"features"`` the training loss is ``CE + distill_weight * D`` toward the model as
+    fit started (``docs/distillation.md``). It is a loss term here, not a callback: a callback could only add it with
+    a second backward, which AMP scaling and DDP's reducer do not allow. The teacher, a frozen eval-mode copy of
+    ``backbone`` and ``head`` taken at ``on_fit_start``, is held outside the module's registration, so
+    ``state_dict()`` and the model left after fit stay plain; checkpoints carry it under ``"distill_teacher"``, so a
+    run resumed with ``ckpt_path`` distills toward the original model (rebuilding it from the backbone spec would not
+    be exact for a random or zero-shot head or a module backbone).
 
     Args:
         backbone: a spec string (``open_clip:ViT-B-32:openai``, ``timm:<name>[:random]``,
@@ -67,6 +85,10 @@ class ImageClassifier(LightningModule):
             steps (a ``float`` in ``[0, 1)``).
         freeze_backbone: train the head only (linear probing).
         print_table: print a per-set table at the end of each validation (rank zero, not during the sanity check).
+        distill: distillation from the model at the start of fit: ``"none"``, ``"logits"`` (KD on the logits) or
+            ``"features"`` (squared distance of the penultimate features).
+        distill_weight: weight of the distillation term (finite, ``>= 0``; ``0`` only logs ``train/distill_loss``).
+        distill_temperature: softening temperature ``T > 0`` of logit distillation.
     """
 
     def __init__(
@@ -90,6 +112,9 @@ class ImageClassifier(LightningModule):
         warmup_steps: int | float = 0.1,
         freeze_backbone: bool = False,
         print_table: bool = True,
+        distill: DistillMode = "none",
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         ignored = ["optimizer", "lr_scheduler", *(["backbone"] if isinstance(backbone, nn.Module) else [])]
@@ -103,6 +128,7 @@ class ImageClassifier(LightningModule):
             raise RobustFTConfigError(
                 f"`warmup_steps`={warmup_steps}: give a number of steps (int >= 0) or a fraction in [0, 1) (float)."
             )
+        _check_distill(distill, distill_weight, distill_temperature)
 
         built = build_backbone(backbone, feature_dim)
         self.backbone = built.module
@@ -126,6 +152,9 @@ class ImageClassifier(LightningModule):
         self._add_metrics(self.val_metrics, self.val_set_names)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        # A list, not an attribute: a module attribute would register the teacher and put it into `state_dict`.
+        self._teacher: list[FrozenTeacher] = []
+        self._loaded_teacher: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ model
     def _init_zeroshot_head(
@@ -159,13 +188,82 @@ class ImageClassifier(LightningModule):
 
     # --------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Cross-entropy on one batch; logs ``train/loss`` and ``train/acc``."""
+        """Cross-entropy (+ the distillation term) on one batch; logs ``train/loss``, ``acc``, ``distill_loss``."""
         x, y = batch
-        logits = self(x)
+        features = self.features(x)
+        logits = self.head(features)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if self.hparams.distill != "none":
+            distill_loss = self.distillation_loss(x, features, logits)
+            self.log("train/distill_loss", distill_loss)
+            loss = loss + self.hparams.distill_weight * distill_loss
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(-1) == y).float().mean())
         return loss
+
+    @property
+    def teacher(self) -> FrozenTeacher | None:
+        """The frozen model that fit started from (``None`` outside a fit that distills)."""
+        return self._teacher[0] if self._teacher else None
+
+    def distillation_loss(self, x: torch.Tensor, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The distillation term ``D`` of a batch, given the student's ``features`` and ``logits`` of images ``x``."""
+        teacher = self.teacher
+        if teacher is None:
+            raise RuntimeError("No teacher: the distillation term exists only during a fit with `distill` set.")
+        if self.hparams.distill == "features":
+            return feature_distillation_loss(features, teacher.features(x))
+        return logit_distillation_loss(logits, teacher(x), self.hparams.distill_temperature)
+
+    def on_fit_start(self) -> None:
+        """Snapshot the teacher (backbone and head as fit starts), or restore the one a resumed checkpoint holds."""
+        self._teacher.clear()
+        if self.hparams.distill == "none":
+            return
+        self._teacher.append(FrozenTeacher(self.backbone, self.head, self.normalize_features))
+        if self._loaded_teacher is not None:
+            self._load_teacher(self._loaded_teacher)
+            self._loaded_teacher = None
+            rank_zero_info(f"ImageClassifier: {self.hparams.distill} distillation toward the checkpoint's teacher.")
+        else:
+            rank_zero_info(f"ImageClassifier: {self.hparams.distill} distillation toward the weights at fit start.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the teacher's weights under ``"distill_teacher"``, so a resumed fit distills toward the same one."""
+        if self.teacher is not None:
+            checkpoint[TEACHER_CHECKPOINT_KEY] = self.teacher.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """When resuming a fit that distills, take the checkpoint's teacher (it wins over the resumed weights)."""
+        trainer = self._trainer
+        if self.hparams.distill == "none" or trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if TEACHER_CHECKPOINT_KEY not in checkpoint:
+            rank_zero_warn(
+                f"ImageClassifier: the checkpoint has no {TEACHER_CHECKPOINT_KEY!r} (it was not trained with "
+                "distillation), so the teacher is the checkpoint's weights, not the pretrained model."
+            )
+            return
+        if self.teacher is not None:  # strategies that restore after `on_fit_start`
+            self._load_teacher(checkpoint[TEACHER_CHECKPOINT_KEY])
+        else:
+            self._loaded_teacher = checkpoint[TEACHER_CHECKPOINT_KEY]
+
+    def teardown(self, stage: str) -> None:
+        """Release the teacher when fit ends (the next fit snapshots its own)."""
+        if stage == TrainerFn.FITTING:
+            self._teacher.clear()
+            self._loaded_teacher = None
+
+    def _load_teacher(self, state: Mapping[str, torch.Tensor]) -> None:
+        teacher = self._teacher[0]
+        missing = sorted(set(teacher.state_dict()) ^ set(state))
+        if missing:
+            raise RobustFTConfigError(
+                f"The checkpoint's {TEACHER_CHECKPOINT_KEY!r} does not match this model's backbone and head; keys in "
+                f"one but not the other: {missing[:10]}."
+            )
+        teacher.load_state_dict(state)
 
     def configure_optimizers(self) -> Any:
         """The injected optimizer / scheduler factories, or AdamW + warm-up cosine by default."""
@@ -287,6 +385,20 @@ def _resolve_num_classes(num_classes: int | None, class_names: list[str] | None)
     if resolved is None or resolved < 2:
         raise RobustFTConfigError(f"Give `num_classes` (>= 2) or `class_names`; got num_classes={num_classes}.")
     return resolved
+
+
+def _check_distill(distill: str, weight: float, temperature: float) -> None:
+    if distill not in DISTILL_MODES:
+        raise RobustFTConfigError(f"`distill`={distill!r}; allowed: 'none', 'logits', 'features'.")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise RobustFTConfigError(f"`distill_weight`={weight!r} must be a finite number >= 0.")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise RobustFTConfigError(f"`distill_temperature`={temperature!r} must be a finite number > 0.")
 
 
 def _compute_and_reset(collection: Any) -> dict[str, float]:
