@@ -1,8 +1,7 @@
 """``WiSEFTCallback`` and the functions behind it: post-hoc weight-space interpolation of zero-shot and fine-tuned.
 
 The sweep itself (:func:`wiseft_sweep`) and the after-the-fact entry point (:func:`run_wiseft`, on a zero-shot and a
-fine-tuned checkpoint) are plain functions, so the callback, the ``robustft wiseft`` command and user scripts all
-compute the same numbers.
+fine-tuned checkpoint) are plain functions, so the callback and user scripts compute the same numbers.
 """
 
 from __future__ import annotations
@@ -519,11 +518,26 @@ def save_interpolated_checkpoint(
     ``MyModule.load_from_checkpoint(path)`` rebuilds the model; training state (optimizers, callbacks, theta_0) is
     dropped.
     """
+    return save_weights_checkpoint(path, module, source, {"wiseft": {ALPHA_KEY: float(alpha)}})
+
+
+def save_weights_checkpoint(
+    path: str | Path,
+    module: nn.Module,
+    source: Mapping[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``module``'s weights as a weights-only Lightning checkpoint, with ``record``'s entries added at the top.
+
+    Hyperparameters and other metadata are copied from ``source`` (a checkpoint of the same model) so that
+    ``MyModule.load_from_checkpoint(path)`` rebuilds the model; training state (optimizers, callbacks, theta_0) is
+    dropped.
+    """
     dropped = {"state_dict", "optimizer_states", "lr_schedulers", "callbacks", "loops", THETA_0_KEY}
     checkpoint = {key: value for key, value in (source or {}).items() if key not in dropped}
     checkpoint.setdefault("pytorch-lightning_version", lightning.__version__)
     checkpoint["state_dict"] = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in _state(module)}
-    checkpoint["wiseft"] = {ALPHA_KEY: float(alpha)}
+    checkpoint.update(record or {})
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, file)
