@@ -1,0 +1,340 @@
+"""LoRACallback: peft adapters while fitting, a plain merged model after, exact resume, refused configurations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyBackbone
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_robustft import ImageClassifier
+from lightning_robustft.callbacks.lora import LoRACallback, check_strategy
+from lightning_robustft.errors import RobustFTConfigError
+
+LORA_LAYER = "backbone.net.3"  # TinyBackbone's Linear: the default target
+
+
+def make_model(seed: int = 0, **kwargs: Any) -> ImageClassifier:
+    torch.manual_seed(seed)
+    return ImageClassifier(TinyBackbone(), num_classes=3, lr=0.05, warmup_steps=1, print_table=False, **kwargs)
+
+
+def make_loader(n: int = 16, seed: int = 1) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=generator)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+def make_trainer(callbacks: list[Callback], max_epochs: int, tmp_path: Path, **kwargs: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def peft_modules(module: nn.Module) -> list[str]:
+    return [name for name, sub in module.named_modules() if isinstance(sub, BaseTunerLayer)]
+
+
+class Probe(Callback):
+    """Placed before LoRACallback: sees the adapted model at the start and at the end of training, before the merge."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        self.inputs = inputs
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.start = state_of(pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.end = state_of(pl_module)
+        self.peft_layers = peft_modules(pl_module)
+        with torch.no_grad():
+            self.outputs = pl_module.eval()(self.inputs)
+        pl_module.train()
+
+
+def test_fit_trains_only_lora_and_head_and_leaves_the_plain_model(tmp_path: Path) -> None:
+    model = make_model()
+    plain = state_of(model)
+    inputs = torch.randn(5, 3, 16, 16)
+    probe = Probe(inputs)
+    callback = LoRACallback(r=2, alpha=4)
+    make_trainer([probe, callback], 3, tmp_path).fit(model, make_loader())
+
+    # During fit: the adapted structure; only LoRA weights and the head moved, frozen weights bitwise unchanged.
+    assert probe.peft_layers == [LORA_LAYER]
+    assert callback.adapted == ["net.3"]
+    lora_keys = {f"{LORA_LAYER}.lora_A.default.weight", f"{LORA_LAYER}.lora_B.default.weight"}
+    assert lora_keys <= set(probe.start)
+    changed = {name for name in probe.start if not torch.equal(probe.start[name], probe.end[name])}
+    assert changed == lora_keys | {"head.weight", "head.bias"}
+    assert torch.equal(probe.end[f"{LORA_LAYER}.base_layer.weight"], plain[f"{LORA_LAYER}.weight"])
+
+    # After fit: the plain model (same keys in the same order, no peft class, no peft_config), trainable as before.
+    assert peft_modules(model) == []
+    assert list(model.state_dict()) == list(plain)
+    assert not hasattr(model.backbone, "peft_config")
+    assert type(model.backbone.net[3]) is nn.Linear
+    assert all(param.requires_grad for param in model.parameters())
+    # ... with the adapted model's outputs, and the update merged into the adapted layer only.
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(inputs), probe.outputs)
+    after = model.state_dict()
+    assert not torch.equal(after[f"{LORA_LAYER}.weight"], plain[f"{LORA_LAYER}.weight"])
+    for name in ("backbone.net.0.weight", "backbone.net.0.bias", f"{LORA_LAYER}.bias"):
+        assert torch.equal(after[name], plain[name])
+
+
+def test_merge_is_w_plus_alpha_over_r_times_b_a() -> None:
+    model = make_model()
+    weight = model.backbone.net[3].weight.detach().clone()
+    callback = LoRACallback(r=3, alpha=5)
+    callback.inject(model)
+    layer = model.backbone.net[3]
+    assert layer.scaling["default"] == pytest.approx(5 / 3) == callback.scaling
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # B starts at zero; give it a value so the merge shows
+    a, b = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+    assert a.shape == (3, weight.shape[1]) and b.shape == (weight.shape[0], 3)
+    callback.merge(model)
+    torch.testing.assert_close(model.backbone.net[3].weight, weight + (5 / 3) * b @ a)
+    callback.merge(model)  # a second merge is a no-op
+
+
+def test_train_head_false_freezes_the_head_during_fit_only(tmp_path: Path) -> None:
+    model = make_model()
+    probe = Probe(torch.randn(2, 3, 16, 16))
+    make_trainer([probe, LoRACallback(r=2, train_head=False)], 1, tmp_path).fit(model, make_loader())
+    changed = {name for name in probe.start if not torch.equal(probe.start[name], probe.end[name])}
+    assert changed == {f"{LORA_LAYER}.lora_A.default.weight", f"{LORA_LAYER}.lora_B.default.weight"}
+    assert all(param.requires_grad for param in model.parameters())
+
+
+def test_resume_from_a_mid_fit_checkpoint_equals_the_straight_run(tmp_path: Path) -> None:
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    straight = make_model()
+    make_trainer([LoRACallback(r=2), saver], 4, tmp_path, enable_checkpointing=True).fit(straight, make_loader())
+    checkpoint = tmp_path / "ckpt" / "epoch=1.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert f"{LORA_LAYER}.lora_B.default.weight" in saved["state_dict"]
+    assert saved["callbacks"]["LoRACallback"]["adapted"] == ["net.3"]
+
+    resumed = make_model(seed=7)  # other initial weights and other LoRA init: the checkpoint must win
+    make_trainer([LoRACallback(r=2)], 4, tmp_path).fit(resumed, make_loader(), ckpt_path=checkpoint)
+    assert peft_modules(resumed) == []
+    for (name, got), want in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+
+
+def test_a_checkpoint_becomes_a_plain_model_with_inject_load_merge(tmp_path: Path) -> None:
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trained = make_model()
+    probe = Probe(torch.randn(4, 3, 16, 16))
+    make_trainer([probe, LoRACallback(r=2), saver], 1, tmp_path, enable_checkpointing=True).fit(trained, make_loader())
+    fresh, callback = make_model(seed=3), LoRACallback(r=2)
+    callback.inject(fresh)
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"])
+    callback.merge(fresh)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], tensor)
+
+
+class FailingClassifier(ImageClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 1:
+            raise RuntimeError("planned failure")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failed_fit_leaves_the_merged_plain_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FailingClassifier(TinyBackbone(), num_classes=3, lr=0.05, print_table=False)
+    keys = list(model.state_dict())
+    with pytest.raises(RuntimeError, match="planned failure"):
+        make_trainer([LoRACallback(r=2)], 2, tmp_path).fit(model, make_loader())
+    assert peft_modules(model) == []
+    assert list(model.state_dict()) == keys
+
+
+class AttentionBlock(nn.Module):
+    """nn.MultiheadAttention plus an MLP, laid out as in open_clip's residual block."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, 2)
+        self.mlp = nn.Sequential(nn.Linear(width, 16), nn.GELU(), nn.Linear(16, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class AttentionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(AttentionBlock(), AttentionBlock())
+        self.head = nn.Linear(8, 3)
+
+
+def test_default_targets_on_attention_skip_out_proj_and_adapt_in_proj() -> None:
+    torch.manual_seed(0)
+    model = AttentionModel()
+    plain = state_of(model)
+    callback = LoRACallback(r=2)
+    callback.inject(model)
+    assert callback.adapted == [
+        "0.mlp.0",
+        "0.mlp.2",
+        "1.mlp.0",
+        "1.mlp.2",
+        "0.attn.in_proj_weight",
+        "1.attn.in_proj_weight",
+    ]
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert all("lora_" in name for name in trainable if name.startswith("backbone."))
+    assert "head.weight" in trainable
+    x = torch.randn(5, 4, 8)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.2)
+    model.backbone(x).sum().backward()  # the update on in_proj_weight takes part in forward and backward
+    grads = {name for name, param in model.named_parameters() if param.grad is not None}
+    assert "backbone.0.attn.lora_A.default.weight" in grads
+    with torch.no_grad():
+        adapted = model.backbone(x)
+    for name, tensor in state_of(model).items():  # the frozen base weights do not drift
+        base = name.replace("base_layer.", "")
+        if base in plain:
+            assert torch.equal(tensor, plain[base]), name
+    callback.merge(model)
+    assert peft_modules(model) == [] and set(model.state_dict()) == set(plain)
+    assert type(model.backbone[0].attn) is nn.MultiheadAttention
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(x), adapted)
+    assert not torch.equal(model.backbone[0].attn.in_proj_weight, plain["backbone.0.attn.in_proj_weight"])
+    assert torch.equal(model.backbone[0].attn.out_proj.weight, plain["backbone.0.attn.out_proj.weight"])
+
+
+def test_dropout_leaves_in_proj_out_with_a_warning() -> None:
+    callback = LoRACallback(r=2, dropout=0.1)
+    with pytest.warns(UserWarning, match="in_proj_weight.*dropout > 0"):
+        callback.inject(AttentionModel())
+    assert callback.adapted == ["0.mlp.0", "0.mlp.2", "1.mlp.0", "1.mlp.2"]
+
+
+def test_tiny_clip_injection_merge_and_outputs() -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier("open_clip:robustft-tiny-clip:mnist", num_classes=10)
+    plain = state_of(model)
+    callback = LoRACallback(r=4, alpha=8)
+    callback.inject(model)
+    blocks = len(model.backbone.transformer.resblocks)
+    assert len(callback.adapted) == 3 * blocks
+    assert {name.split("resblocks.0.")[-1] for name in callback.adapted if "resblocks.0." in name} == {
+        "mlp.c_fc",
+        "mlp.c_proj",
+        "attn.in_proj_weight",
+    }
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable == {name for name in trainable if "lora_" in name} | {"head.weight", "head.bias"}
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.05)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x)
+    callback.merge(model)
+    assert peft_modules(model) == [] and list(model.state_dict()) == list(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), adapted, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(adapted, ImageClassifier_with(plain)(x), atol=1e-3)
+
+
+def ImageClassifier_with(state: dict[str, torch.Tensor]) -> ImageClassifier:  # noqa: N802
+    model = ImageClassifier("open_clip:robustft-tiny-clip:mnist", num_classes=10)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"r": 0}, r"`r`=0 must be an integer >= 1"),
+        ({"r": True}, r"`r`=True"),
+        ({"alpha": 0}, r"`alpha`=0 must be > 0"),
+        ({"dropout": 1.0}, r"`dropout`=1.0 must be a dropout rate in \[0, 1\)"),
+        ({"dropout": -0.1}, r"`dropout`=-0.1"),
+        ({"target_modules": "c_fc"}, r"`target_modules`='c_fc' must be None or a non-empty list"),
+        ({"target_modules": []}, r"`target_modules`=\[\]"),
+        ({"target_parameters": ["w"], "dropout": 0.1}, r"`target_parameters`=\['w'\] needs `dropout`=0"),
+        ({"module": ""}, r"`module`=''"),
+    ],
+)
+def test_constructor_errors(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(RobustFTConfigError, match=match):
+        LoRACallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"module": "encoder"}, r"`module`='encoder' is not a submodule.*\['backbone', 'head'\]"),
+        ({"module": "head"}, r"`module`='head' is a single Linear"),
+        ({"target_modules": ["nope"]}, r"`target_modules` name 'nope' matches no layer.*Some layer names"),
+        ({"target_modules": ["out_proj"]}, r"matches '0.attn.out_proj', the output projection .* ignored"),
+        ({"target_modules": ["mlp"]}, r"matches '0.mlp', a Sequential"),
+        ({"target_parameters": ["attn.nope"]}, r"`target_parameters` name 'attn.nope' matches no parameter"),
+    ],
+)
+def test_targets_and_module_errors(kwargs: dict[str, Any], match: str) -> None:
+    model = AttentionModel()
+    keys = list(model.state_dict())
+    with pytest.raises(RobustFTConfigError, match=match):
+        LoRACallback(**kwargs).inject(model)
+    assert list(model.state_dict()) == keys and peft_modules(model) == []
+
+
+def test_user_targets_pass_to_peft() -> None:
+    model = AttentionModel()
+    callback = LoRACallback(target_modules=["mlp.2"], target_parameters=["attn.in_proj_weight"])
+    callback.inject(model)
+    assert callback.adapted == ["0.mlp.2", "1.mlp.2", "0.attn.in_proj_weight", "1.attn.in_proj_weight"]
+    assert sorted(peft_modules(model)) == ["backbone.0.attn", "backbone.0.mlp.2", "backbone.1.attn", "backbone.1.mlp.2"]
+    callback.merge(model)
+    assert peft_modules(model) == []
+
+
+def test_sharded_strategies_are_refused() -> None:
+    with pytest.raises(RobustFTConfigError, match="does not support strategy FSDPStrategy"):
+        check_strategy(FSDPStrategy())
+
+
+def test_state_dict_records_the_configuration_and_warns_on_a_change() -> None:
+    callback = LoRACallback(r=4, alpha=8)
+    state = callback.state_dict()
+    assert state == {"r": 4, "alpha": 8.0, "dropout": 0.0, "module": "backbone", "adapted": []}
+    with pytest.warns(UserWarning, match="trained with"):
+        LoRACallback(r=2, alpha=8).load_state_dict(state)

@@ -1,0 +1,207 @@
+"""LPFTCallback: a linear probe that leaves the backbone bitwise fixed, then fine-tuning from the probe; resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyBackbone
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_robustft import ImageClassifier
+from lightning_robustft.callbacks.lp_ft import LPFTCallback
+from lightning_robustft.errors import RobustFTConfigError
+
+
+def bn_backbone() -> nn.Module:
+    """A conv + BatchNorm encoder, so the probe must also keep running statistics fixed."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 8)
+    )
+
+
+def make_model(seed: int = 0, backbone: Any = bn_backbone, **kwargs: Any) -> ImageClassifier:
+    torch.manual_seed(seed)
+    kwargs = {"lr": 0.01, "warmup_steps": 3, **kwargs}
+    return ImageClassifier(backbone(), num_classes=3, feature_dim=8, print_table=False, **kwargs)
+
+
+def make_loader(n: int = 16, seed: int = 1) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=generator)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+def make_trainer(callbacks: list[Callback], max_epochs: int, tmp_path: Path, **kwargs: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+class Recorder(Callback):
+    """Backbone and head at every epoch start and end (placed after LPFTCallback, so it sees the stage applied)."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[dict, dict, bool, bool]] = []
+        self.ends: list[tuple[dict, dict]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        self.optimized = sum(len(group["params"]) for group in optimizer.param_groups)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        bn = pl_module.backbone[1]
+        grad = any(param.requires_grad for param in pl_module.backbone.parameters())
+        self.starts.append((snapshot(pl_module.backbone), snapshot(pl_module.head), grad, bn.training))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.ends.append((snapshot(pl_module.backbone), snapshot(pl_module.head)))
+
+
+def test_probe_keeps_the_backbone_fixed_then_fine_tuning_starts_from_the_probe(tmp_path: Path) -> None:
+    model = make_model()
+    initial_backbone, initial_head = snapshot(model.backbone), snapshot(model.head)
+    recorder = Recorder()
+    # warmup_steps=3 with 2 steps per epoch: the warm-up runs across the stage boundary (BackboneFinetuning breaks).
+    make_trainer([LPFTCallback(probe_epochs=2), recorder], 3, tmp_path).fit(model, make_loader())
+
+    assert recorder.optimized == len(list(model.parameters()))  # everything was in the optimizer from the start
+    assert [(grad, bn_training) for *_, grad, bn_training in recorder.starts] == [
+        (False, False),
+        (False, False),
+        (True, True),
+    ]
+    for epoch in (0, 1):  # probe: the backbone (BatchNorm statistics included) is bitwise unchanged; the head trains
+        assert equal(recorder.ends[epoch][0], initial_backbone)
+    assert not equal(recorder.ends[0][1], initial_head)
+    assert not equal(recorder.ends[1][1], recorder.ends[0][1])
+    # Fine-tuning starts from the probe: the initial backbone and the probed head ...
+    assert equal(recorder.starts[2][0], initial_backbone)
+    assert equal(recorder.starts[2][1], recorder.ends[1][1])
+    # ... and then the backbone moves, running statistics included.
+    final = snapshot(model.backbone)
+    assert not torch.equal(final["0.weight"], initial_backbone["0.weight"])
+    assert not torch.equal(final["1.running_mean"], initial_backbone["1.running_mean"])
+    assert all(param.requires_grad for param in model.parameters()) and model.backbone[1].training
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.5),
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.5),
+    ],
+    ids=["adamw", "sgd"],
+)
+def test_optimizers_skip_the_probed_module_weight_decay_included(tmp_path: Path, optimizer: Any) -> None:
+    model = make_model(optimizer=optimizer)
+    initial = snapshot(model.backbone)
+    recorder = Recorder()
+    with pytest.warns(UserWarning, match="probe_epochs`=1 >= max_epochs=1"):
+        trainer = make_trainer([LPFTCallback(), recorder], 1, tmp_path)
+        trainer.fit(model, make_loader())
+    assert equal(recorder.ends[0][0], initial)
+    assert not equal(recorder.ends[0][1], recorder.starts[0][1])
+    state = trainer.optimizers[0].state
+    assert all(param not in state for param in model.backbone.parameters())  # no moments, no momentum buffers
+    assert all(param in state for param in model.head.parameters())
+    assert all(param.requires_grad for param in model.backbone.parameters())  # given back at the end of fit
+
+
+def constant_sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def constant_lr(optimizer: torch.optim.Optimizer) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_equals_a_hand_made_two_phase_run(tmp_path: Path) -> None:
+    options = {"backbone": TinyBackbone, "optimizer": constant_sgd, "lr_scheduler": constant_lr}
+    lp_ft = make_model(**options)
+    make_trainer([LPFTCallback(probe_epochs=1)], 2, tmp_path).fit(lp_ft, make_loader())
+
+    probe = make_model(freeze_backbone=True, **options)
+    make_trainer([], 1, tmp_path).fit(probe, make_loader())
+    fine_tune = make_model(seed=5, **options)
+    fine_tune.load_state_dict(probe.state_dict())
+    make_trainer([], 1, tmp_path).fit(fine_tune, make_loader())
+    assert equal(snapshot(lp_ft), snapshot(fine_tune))
+
+
+@pytest.mark.parametrize("resume_epoch", [0, 1], ids=["inside-probe", "at-boundary"])
+def test_resume_across_the_stage_boundary_equals_the_straight_run(tmp_path: Path, resume_epoch: int) -> None:
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    straight = make_model()
+    make_trainer([LPFTCallback(probe_epochs=2), saver], 4, tmp_path, enable_checkpointing=True).fit(
+        straight, make_loader()
+    )
+    resumed = make_model(seed=9)
+    checkpoint = tmp_path / "ckpt" / f"epoch={resume_epoch}.ckpt"
+    make_trainer([LPFTCallback(probe_epochs=2)], 4, tmp_path).fit(resumed, make_loader(), ckpt_path=checkpoint)
+    assert equal(snapshot(resumed), snapshot(straight))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"probe_epochs": 0}, r"`probe_epochs`=0 must be an integer >= 1"),
+        ({"probe_epochs": True}, r"`probe_epochs`=True"),
+        ({"probe_epochs": 1.5}, r"`probe_epochs`=1.5"),
+        ({"module": ""}, r"`module`=''"),
+    ],
+)
+def test_constructor_errors(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(RobustFTConfigError, match=match):
+        LPFTCallback(**kwargs)
+
+
+def _setup(callback: LPFTCallback, strategy: Any, max_epochs: int = 3) -> None:
+    callback.setup(SimpleNamespace(strategy=strategy, max_epochs=max_epochs), make_model(), "fit")  # type: ignore[arg-type]
+
+
+def test_setup_errors_and_warnings() -> None:
+    with pytest.raises(RobustFTConfigError, match=r"`module`='encoder' is not a submodule.*'backbone', 'head'"):
+        _setup(LPFTCallback(module="encoder"), None)
+    with pytest.raises(RobustFTConfigError, match="does not support strategy FSDPStrategy"):
+        _setup(LPFTCallback(), FSDPStrategy())
+    with pytest.raises(RobustFTConfigError, match="ddp_find_unused_parameters_true"):
+        _setup(LPFTCallback(), DDPStrategy())
+    _setup(LPFTCallback(), DDPStrategy(find_unused_parameters=True))
+    with pytest.warns(UserWarning, match=r"`probe_epochs`=3 >= max_epochs=2"):
+        _setup(LPFTCallback(probe_epochs=3), None, max_epochs=2)
+    callback = LPFTCallback()
+    with pytest.warns(UserWarning, match="no trainable parameter"):
+        callback.setup(SimpleNamespace(strategy=None, max_epochs=3), make_model(freeze_backbone=True), "fit")  # type: ignore[arg-type]
+
+
+def test_state_dict_is_the_configuration() -> None:
+    assert LPFTCallback(probe_epochs=2).state_dict() == {"probe_epochs": 2, "module": "backbone"}
+    with pytest.warns(UserWarning, match="trained with"):
+        LPFTCallback(probe_epochs=3).load_state_dict({"probe_epochs": 2, "module": "backbone"})
