@@ -1,6 +1,18 @@
 """lightning-robustft: Lightning callbacks that make fine-tuned vision models robust under distribution shift."""
 
-from lightning_robustft.callbacks import DropoutHeadCallback, GMixoutCallback, WiSEFTCallback, run_wiseft
+from lightning_robustft.callbacks import (
+    DropoutHeadCallback,
+    GMixoutCallback,
+    LoRACallback,
+    LPFTCallback,
+    SoupResult,
+    WeightPenaltyCallback,
+    WiSEFTCallback,
+    greedy_soup,
+    run_soup,
+    run_wiseft,
+    uniform_soup,
+)
 from lightning_robustft.data import DemoDataModule, MultiDomainDataModule
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.models import ImageClassifier
@@ -11,11 +23,18 @@ __all__ = [
     "DropoutHeadCallback",
     "GMixoutCallback",
     "ImageClassifier",
+    "LPFTCallback",
+    "LoRACallback",
     "MixoutPasses",
     "MultiDomainDataModule",
     "RobustFTConfigError",
+    "SoupResult",
+    "WeightPenaltyCallback",
     "WiSEFTCallback",
     "average_state_dicts",
+    "greedy_soup",
     "interpolate_state_dicts",
+    "run_soup",
     "run_wiseft",
+    "uniform_soup",
 ]
