@@ -56,6 +56,14 @@ class TinyClassifier(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class ManualModel(TinyClassifier):
+    """The same model with manual optimization, which the gradient-editing callbacks must refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
 def make_model(seed: int = 0) -> TinyClassifier:
     torch.manual_seed(seed)
     return TinyClassifier()

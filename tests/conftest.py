@@ -12,12 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class TinyBackbone(nn.Module):
@@ -32,6 +35,36 @@ class TinyBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def make_image_loader(n: int = 16, seed: int = 1) -> DataLoader:
+    """``n`` random 3x16x16 images with labels in ``{0, 1, 2}``, in batches of 8 (for ``TinyBackbone`` models)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=generator)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+def make_epoch_trainer(callbacks: list[Callback], max_epochs: int, tmp_path: Path, **kwargs: Any) -> Trainer:
+    """A quiet CPU ``Trainer`` for ``max_epochs`` epochs: no logger, progress bar, summary or sanity check."""
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached clones of ``module``'s state dict, to compare before and after a fit."""
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
 
 def write_image_folder(root: Path, classes: list[str], per_class: int = 4, size: int = 16, seed: int = 0) -> Path:

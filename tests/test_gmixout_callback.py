@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from _gmixout_helpers import (
+    ManualModel,
     Recorder,
     TinyClassifier,
     assert_params_close,
@@ -125,12 +126,6 @@ def test_pattern_that_matches_nothing_fails_in_setup() -> None:
     trainer = make_trainer([GMixoutCallback(targets=["backbone.*.weight", "encoder.*"])], max_steps=1)
     with pytest.raises(RobustFTConfigError, match=r"'encoder\.\*' matches no parameter.*backbone\.0\.weight"):
         trainer.fit(make_model(), make_loader(1))
-
-
-class ManualModel(TinyClassifier):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
 
 
 def test_manual_optimization_is_refused() -> None:

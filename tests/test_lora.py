@@ -7,13 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyBackbone
+from conftest import TinyBackbone, make_epoch_trainer, make_image_loader, state_copy
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robustft import ImageClassifier
 from lightning_robustft.callbacks.lora import LoRACallback, check_strategy
@@ -27,33 +26,6 @@ def make_model(seed: int = 0, **kwargs: Any) -> ImageClassifier:
     return ImageClassifier(TinyBackbone(), num_classes=3, lr=0.05, warmup_steps=1, print_table=False, **kwargs)
 
 
-def make_loader(n: int = 16, seed: int = 1) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 16, 16, generator=generator)
-    y = torch.randint(0, 3, (n,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-
-
-def make_trainer(callbacks: list[Callback], max_epochs: int, tmp_path: Path, **kwargs: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
-
-
-def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-
-
 def peft_modules(module: nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, BaseTunerLayer)]
 
@@ -65,10 +37,10 @@ class Probe(Callback):
         self.inputs = inputs
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start = state_of(pl_module)
+        self.start = state_copy(pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.end = state_of(pl_module)
+        self.end = state_copy(pl_module)
         self.peft_layers = peft_modules(pl_module)
         with torch.no_grad():
             self.outputs = pl_module.eval()(self.inputs)
@@ -77,11 +49,11 @@ class Probe(Callback):
 
 def test_fit_trains_only_lora_and_head_and_leaves_the_plain_model(tmp_path: Path) -> None:
     model = make_model()
-    plain = state_of(model)
+    plain = state_copy(model)
     inputs = torch.randn(5, 3, 16, 16)
     probe = Probe(inputs)
     callback = LoRACallback(r=2, alpha=4)
-    make_trainer([probe, callback], 3, tmp_path).fit(model, make_loader())
+    make_epoch_trainer([probe, callback], 3, tmp_path).fit(model, make_image_loader())
 
     # During fit: the adapted structure; only LoRA weights and the head moved, frozen weights bitwise unchanged.
     assert probe.peft_layers == [LORA_LAYER]
@@ -126,7 +98,7 @@ def test_merge_is_w_plus_alpha_over_r_times_b_a() -> None:
 def test_train_head_false_freezes_the_head_during_fit_only(tmp_path: Path) -> None:
     model = make_model()
     probe = Probe(torch.randn(2, 3, 16, 16))
-    make_trainer([probe, LoRACallback(r=2, train_head=False)], 1, tmp_path).fit(model, make_loader())
+    make_epoch_trainer([probe, LoRACallback(r=2, train_head=False)], 1, tmp_path).fit(model, make_image_loader())
     changed = {name for name in probe.start if not torch.equal(probe.start[name], probe.end[name])}
     assert changed == {f"{LORA_LAYER}.lora_A.default.weight", f"{LORA_LAYER}.lora_B.default.weight"}
     assert all(param.requires_grad for param in model.parameters())
@@ -135,14 +107,16 @@ def test_train_head_false_freezes_the_head_during_fit_only(tmp_path: Path) -> No
 def test_resume_from_a_mid_fit_checkpoint_equals_the_straight_run(tmp_path: Path) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     straight = make_model()
-    make_trainer([LoRACallback(r=2), saver], 4, tmp_path, enable_checkpointing=True).fit(straight, make_loader())
+    make_epoch_trainer([LoRACallback(r=2), saver], 4, tmp_path, enable_checkpointing=True).fit(
+        straight, make_image_loader()
+    )
     checkpoint = tmp_path / "ckpt" / "epoch=1.ckpt"
     saved = torch.load(checkpoint, weights_only=False)
     assert f"{LORA_LAYER}.lora_B.default.weight" in saved["state_dict"]
     assert saved["callbacks"]["LoRACallback"]["adapted"] == ["net.3"]
 
     resumed = make_model(seed=7)  # other initial weights and other LoRA init: the checkpoint must win
-    make_trainer([LoRACallback(r=2)], 4, tmp_path).fit(resumed, make_loader(), ckpt_path=checkpoint)
+    make_epoch_trainer([LoRACallback(r=2)], 4, tmp_path).fit(resumed, make_image_loader(), ckpt_path=checkpoint)
     assert peft_modules(resumed) == []
     for (name, got), want in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
         assert torch.equal(got, want), name
@@ -152,7 +126,9 @@ def test_a_checkpoint_becomes_a_plain_model_with_inject_load_merge(tmp_path: Pat
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     trained = make_model()
     probe = Probe(torch.randn(4, 3, 16, 16))
-    make_trainer([probe, LoRACallback(r=2), saver], 1, tmp_path, enable_checkpointing=True).fit(trained, make_loader())
+    make_epoch_trainer([probe, LoRACallback(r=2), saver], 1, tmp_path, enable_checkpointing=True).fit(
+        trained, make_image_loader()
+    )
     fresh, callback = make_model(seed=3), LoRACallback(r=2)
     callback.inject(fresh)
     fresh.load_state_dict(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"])
@@ -173,7 +149,7 @@ def test_a_failed_fit_leaves_the_merged_plain_model(tmp_path: Path) -> None:
     model = FailingClassifier(TinyBackbone(), num_classes=3, lr=0.05, print_table=False)
     keys = list(model.state_dict())
     with pytest.raises(RuntimeError, match="planned failure"):
-        make_trainer([LoRACallback(r=2)], 2, tmp_path).fit(model, make_loader())
+        make_epoch_trainer([LoRACallback(r=2)], 2, tmp_path).fit(model, make_image_loader())
     assert peft_modules(model) == []
     assert list(model.state_dict()) == keys
 
@@ -201,7 +177,7 @@ class AttentionModel(nn.Module):
 def test_default_targets_on_attention_skip_out_proj_and_adapt_in_proj() -> None:
     torch.manual_seed(0)
     model = AttentionModel()
-    plain = state_of(model)
+    plain = state_copy(model)
     callback = LoRACallback(r=2)
     callback.inject(model)
     assert callback.adapted == [
@@ -224,7 +200,7 @@ def test_default_targets_on_attention_skip_out_proj_and_adapt_in_proj() -> None:
     assert "backbone.0.attn.lora_A.default.weight" in grads
     with torch.no_grad():
         adapted = model.backbone(x)
-    for name, tensor in state_of(model).items():  # the frozen base weights do not drift
+    for name, tensor in state_copy(model).items():  # the frozen base weights do not drift
         base = name.replace("base_layer.", "")
         if base in plain:
             assert torch.equal(tensor, plain[base]), name
@@ -247,7 +223,7 @@ def test_dropout_leaves_in_proj_out_with_a_warning() -> None:
 def test_tiny_clip_injection_merge_and_outputs() -> None:
     torch.manual_seed(0)
     model = ImageClassifier("open_clip:robustft-tiny-clip:mnist", num_classes=10)
-    plain = state_of(model)
+    plain = state_copy(model)
     callback = LoRACallback(r=4, alpha=8)
     callback.inject(model)
     blocks = len(model.backbone.transformer.resblocks)

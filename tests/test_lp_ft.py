@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyBackbone
+from conftest import TinyBackbone, make_epoch_trainer, make_image_loader, state_copy
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robustft import ImageClassifier
 from lightning_robustft.callbacks.lp_ft import LPFTCallback
@@ -31,33 +30,6 @@ def make_model(seed: int = 0, backbone: Any = bn_backbone, **kwargs: Any) -> Ima
     torch.manual_seed(seed)
     kwargs = {"lr": 0.01, "warmup_steps": 3, **kwargs}
     return ImageClassifier(backbone(), num_classes=3, feature_dim=8, print_table=False, **kwargs)
-
-
-def make_loader(n: int = 16, seed: int = 1) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 16, 16, generator=generator)
-    y = torch.randint(0, 3, (n,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-
-
-def make_trainer(callbacks: list[Callback], max_epochs: int, tmp_path: Path, **kwargs: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
 
 def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -78,18 +50,18 @@ class Recorder(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         bn = pl_module.backbone[1]
         grad = any(param.requires_grad for param in pl_module.backbone.parameters())
-        self.starts.append((snapshot(pl_module.backbone), snapshot(pl_module.head), grad, bn.training))
+        self.starts.append((state_copy(pl_module.backbone), state_copy(pl_module.head), grad, bn.training))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.ends.append((snapshot(pl_module.backbone), snapshot(pl_module.head)))
+        self.ends.append((state_copy(pl_module.backbone), state_copy(pl_module.head)))
 
 
 def test_probe_keeps_the_backbone_fixed_then_fine_tuning_starts_from_the_probe(tmp_path: Path) -> None:
     model = make_model()
-    initial_backbone, initial_head = snapshot(model.backbone), snapshot(model.head)
+    initial_backbone, initial_head = state_copy(model.backbone), state_copy(model.head)
     recorder = Recorder()
     # warmup_steps=3 with 2 steps per epoch: the warm-up runs across the stage boundary (BackboneFinetuning breaks).
-    make_trainer([LPFTCallback(probe_epochs=2), recorder], 3, tmp_path).fit(model, make_loader())
+    make_epoch_trainer([LPFTCallback(probe_epochs=2), recorder], 3, tmp_path).fit(model, make_image_loader())
 
     assert recorder.optimized == len(list(model.parameters()))  # everything was in the optimizer from the start
     assert [(grad, bn_training) for *_, grad, bn_training in recorder.starts] == [
@@ -105,7 +77,7 @@ def test_probe_keeps_the_backbone_fixed_then_fine_tuning_starts_from_the_probe(t
     assert equal(recorder.starts[2][0], initial_backbone)
     assert equal(recorder.starts[2][1], recorder.ends[1][1])
     # ... and then the backbone moves, running statistics included.
-    final = snapshot(model.backbone)
+    final = state_copy(model.backbone)
     assert not torch.equal(final["0.weight"], initial_backbone["0.weight"])
     assert not torch.equal(final["1.running_mean"], initial_backbone["1.running_mean"])
     assert all(param.requires_grad for param in model.parameters()) and model.backbone[1].training
@@ -121,11 +93,11 @@ def test_probe_keeps_the_backbone_fixed_then_fine_tuning_starts_from_the_probe(t
 )
 def test_optimizers_skip_the_probed_module_weight_decay_included(tmp_path: Path, optimizer: Any) -> None:
     model = make_model(optimizer=optimizer)
-    initial = snapshot(model.backbone)
+    initial = state_copy(model.backbone)
     recorder = Recorder()
     with pytest.warns(UserWarning, match="probe_epochs`=1 >= max_epochs=1"):
-        trainer = make_trainer([LPFTCallback(), recorder], 1, tmp_path)
-        trainer.fit(model, make_loader())
+        trainer = make_epoch_trainer([LPFTCallback(), recorder], 1, tmp_path)
+        trainer.fit(model, make_image_loader())
     assert equal(recorder.ends[0][0], initial)
     assert not equal(recorder.ends[0][1], recorder.starts[0][1])
     state = trainer.optimizers[0].state
@@ -145,27 +117,29 @@ def constant_lr(optimizer: torch.optim.Optimizer) -> Any:
 def test_equals_a_hand_made_two_phase_run(tmp_path: Path) -> None:
     options = {"backbone": TinyBackbone, "optimizer": constant_sgd, "lr_scheduler": constant_lr}
     lp_ft = make_model(**options)
-    make_trainer([LPFTCallback(probe_epochs=1)], 2, tmp_path).fit(lp_ft, make_loader())
+    make_epoch_trainer([LPFTCallback(probe_epochs=1)], 2, tmp_path).fit(lp_ft, make_image_loader())
 
     probe = make_model(freeze_backbone=True, **options)
-    make_trainer([], 1, tmp_path).fit(probe, make_loader())
+    make_epoch_trainer([], 1, tmp_path).fit(probe, make_image_loader())
     fine_tune = make_model(seed=5, **options)
     fine_tune.load_state_dict(probe.state_dict())
-    make_trainer([], 1, tmp_path).fit(fine_tune, make_loader())
-    assert equal(snapshot(lp_ft), snapshot(fine_tune))
+    make_epoch_trainer([], 1, tmp_path).fit(fine_tune, make_image_loader())
+    assert equal(state_copy(lp_ft), state_copy(fine_tune))
 
 
 @pytest.mark.parametrize("resume_epoch", [0, 1], ids=["inside-probe", "at-boundary"])
 def test_resume_across_the_stage_boundary_equals_the_straight_run(tmp_path: Path, resume_epoch: int) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     straight = make_model()
-    make_trainer([LPFTCallback(probe_epochs=2), saver], 4, tmp_path, enable_checkpointing=True).fit(
-        straight, make_loader()
+    make_epoch_trainer([LPFTCallback(probe_epochs=2), saver], 4, tmp_path, enable_checkpointing=True).fit(
+        straight, make_image_loader()
     )
     resumed = make_model(seed=9)
     checkpoint = tmp_path / "ckpt" / f"epoch={resume_epoch}.ckpt"
-    make_trainer([LPFTCallback(probe_epochs=2)], 4, tmp_path).fit(resumed, make_loader(), ckpt_path=checkpoint)
-    assert equal(snapshot(resumed), snapshot(straight))
+    make_epoch_trainer([LPFTCallback(probe_epochs=2)], 4, tmp_path).fit(
+        resumed, make_image_loader(), ckpt_path=checkpoint
+    )
+    assert equal(state_copy(resumed), state_copy(straight))
 
 
 @pytest.mark.parametrize(

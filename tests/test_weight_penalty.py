@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _gmixout_helpers import (
+    ManualModel,
     TinyClassifier,
     assert_params_close,
     assert_params_equal,
@@ -226,12 +227,6 @@ def test_bad_selection_fails_fit_naming_the_argument(targets: Any, exclude: list
     trainer = make_trainer([WeightPenaltyCallback(targets=targets, exclude=exclude, head=head)], max_steps=1)
     with pytest.raises(RobustFTConfigError, match=expected):
         trainer.fit(FrozenPartModel(), make_loader(1))
-
-
-class ManualModel(TinyClassifier):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
 
 
 def test_manual_optimization_is_refused() -> None:

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_robustft.callbacks._checks import resolve_submodule
 from lightning_robustft.errors import RobustFTConfigError
 
 
@@ -59,7 +60,11 @@ class DropoutHeadCallback(Callback):
         if stage != "fit":
             return
         self._remove_hook()
-        module = resolve_head(pl_module, self.head)
+        module = resolve_submodule(
+            pl_module,
+            self.head,
+            hint="Pass the dotted name of the layer that maps features to logits (e.g. 'head' or 'model.fc').",
+        )
         self._handle = module.register_forward_pre_hook(self._drop_input)
         rank_zero_info(f"DropoutHeadCallback: dropout p={self.p} on the input of `{self.head}` while training.")
 
@@ -97,16 +102,3 @@ class DropoutHeadCallback(Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-
-
-def resolve_head(pl_module: nn.Module, head: str) -> nn.Module:
-    """Return ``pl_module.get_submodule(head)``, or raise an error that lists the top-level submodules."""
-    try:
-        return pl_module.get_submodule(head)
-    except AttributeError:
-        available = [name for name, _ in pl_module.named_children()]
-        raise RobustFTConfigError(
-            f"`head`={head!r} is not a submodule of {type(pl_module).__name__}; its top-level submodules are "
-            f"{available}. Pass the dotted name of the layer that maps features to logits (e.g. 'head' or "
-            "'model.fc')."
-        ) from None

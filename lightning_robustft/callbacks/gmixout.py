@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -14,6 +13,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_robustft.callbacks._checks import (
+    check_selection,
+    is_real,
+    refuse_unsupported,
+    resolve_submodule,
+    select_parameters,
+)
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import MixoutPasses
 
@@ -112,28 +118,17 @@ class GMixoutCallback(Callback):
         seed: int | None = None,
         backend: Backend = "auto",
     ) -> None:
-        if not _is_real(p) or not 0.0 <= p < 1.0:
+        if not is_real(p) or not 0.0 <= p < 1.0:
             raise RobustFTConfigError(f"`p`={p!r} must be a probability in [0, 1) (Mixout's usual value is 0.9).")
         if isinstance(resample_every, bool) or not isinstance(resample_every, int) or resample_every < 1:
             raise RobustFTConfigError(
                 f"`resample_every`={resample_every!r} must be an integer >= 1 (optimizer steps per mask; 1 is Mixout)."
             )
-        if not _is_real(anchor_decay) or not 0.0 <= anchor_decay <= 1.0:
+        if not is_real(anchor_decay) or not 0.0 <= anchor_decay <= 1.0:
             raise RobustFTConfigError(
                 f"`anchor_decay`={anchor_decay!r} must be in [0, 1] (1 keeps the pretrained anchor, as Mixout does)."
             )
-        for name, patterns in (("targets", targets), ("exclude", exclude)):
-            if patterns is not None and (
-                isinstance(patterns, str) or not all(isinstance(pat, str) and pat for pat in patterns)
-            ):
-                raise RobustFTConfigError(
-                    f"`{name}`={patterns!r} must be a list of non-empty glob patterns over parameter names, "
-                    "e.g. ['backbone.*.weight']."
-                )
-        if targets is not None and not targets:
-            raise RobustFTConfigError("`targets`=[] selects nothing; pass None for the default targets.")
-        if head is not None and (not isinstance(head, str) or not head):
-            raise RobustFTConfigError(f"`head`={head!r} must be a dotted submodule name such as 'head', or None.")
+        check_selection(targets, exclude, head, example="['backbone.*.weight']")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise RobustFTConfigError(f"`seed`={seed!r} must be None or an integer in [0, {MAX_SEED}].")
         if backend not in ("auto", "triton", "torch"):
@@ -322,24 +317,19 @@ class GMixoutCallback(Callback):
 
 def check_supported(strategy: Strategy, pl_module: LightningModule) -> None:
     """Raise for what GMixout cannot serve: sharded strategies and manual optimization."""
-    for cls, why in _SHARDED_STRATEGIES.items():
-        if isinstance(strategy, cls):
-            raise RobustFTConfigError(
-                f"GMixoutCallback does not support strategy {type(strategy).__name__}: {why}. Use strategy='ddp' "
-                "(or a single device)."
-            )
-    if not pl_module.automatic_optimization:
-        raise RobustFTConfigError(
-            f"GMixoutCallback needs automatic optimization, but {type(pl_module).__name__}.automatic_optimization is "
-            "False: with manual optimization the module steps the optimizer itself, so the callback cannot place the "
-            "weight swap around the step. Use automatic optimization."
-        )
+    refuse_unsupported(
+        strategy,
+        pl_module,
+        callback="GMixoutCallback",
+        why=_SHARDED_STRATEGIES,
+        manual_optimization="so the callback cannot place the weight swap around the step. Use automatic optimization.",
+    )
 
 
 def default_target_names(module: nn.Module, head: str | None) -> list[str]:
     """Weights of Linear / conv layers and raw attention projections, outside ``head``: Mixout's weight matrices."""
     if head is not None:
-        _resolve_head(module, head)
+        resolve_submodule(module, head)
     names = []
     for module_name, sub in module.named_modules():
         if head is not None and (module_name == head or module_name.startswith(head + ".")):
@@ -360,30 +350,16 @@ def select_targets(
         RobustFTConfigError: a pattern matches no parameter, ``targets`` matches only frozen ones, ``head`` is not a
             submodule, or nothing is left to mix.
     """
-    params = dict(module.named_parameters())
-    trainable = {name for name, param in params.items() if param.requires_grad and param.is_floating_point()}
-    if targets is None:
-        candidates = set(default_target_names(module, head)) & set(params)
-    else:
-        candidates = set()
-        for pattern in targets:
-            matched = _matching(params, pattern)
-            if not matched & trainable:
-                raise RobustFTConfigError(_no_match_message("targets", pattern, matched, params))
-            candidates |= matched
-    for pattern in exclude:
-        matched = _matching(params, pattern)
-        if not matched:
-            raise RobustFTConfigError(_no_match_message("exclude", pattern, matched, params))
-        candidates -= matched
-    chosen = [name for name in params if name in candidates and name in trainable]
-    if not chosen:
-        raise RobustFTConfigError(
-            f"GMixoutCallback found no trainable weight to mix in {type(module).__name__} (targets={targets!r}, "
-            f"exclude={list(exclude)!r}, head={head!r}). Name the tensors with `targets`, e.g. "
-            f"{_examples(params)}."
-        )
-    return chosen
+    return select_parameters(
+        module,
+        targets,
+        exclude,
+        head,
+        default=lambda: default_target_names(module, head),
+        frozen="frozen parameters",
+        why_trainable="GMixout mixes trainable ones only",
+        nothing="GMixoutCallback found no trainable weight to mix",
+    )
 
 
 def derive_seed(initial_seed: int) -> int:
@@ -423,38 +399,3 @@ def load_anchors(passes: MixoutPasses, names: Sequence[str], anchors: Mapping[st
                     f"{tuple(anchor.shape)}. Resume with the model the checkpoint was trained with."
                 )
             anchor.copy_(anchors[name])
-
-
-def _resolve_head(module: nn.Module, head: str) -> nn.Module:
-    try:
-        return module.get_submodule(head)
-    except AttributeError:
-        children = [name for name, _ in module.named_children()]
-        raise RobustFTConfigError(
-            f"`head`={head!r} is not a submodule of {type(module).__name__}; its top-level submodules are {children}. "
-            "Pass the dotted name of the classification head (e.g. 'model.fc'), or head=None if there is none."
-        ) from None
-
-
-def _no_match_message(argument: str, pattern: str, matched: set[str], params: Mapping[str, Any]) -> str:
-    if matched:
-        return (
-            f"`{argument}` pattern {pattern!r} matches only frozen parameters ({sorted(matched)[:5]}); GMixout mixes "
-            "trainable ones only. Unfreeze them or drop the pattern."
-        )
-    return (
-        f"`{argument}` pattern {pattern!r} matches no parameter name (patterns are fnmatch globs, e.g. "
-        f"'backbone.*.weight'). Some parameter names: {_examples(params)}."
-    )
-
-
-def _matching(params: Mapping[str, Any], pattern: str) -> set[str]:
-    return {name for name in params if fnmatch.fnmatchcase(name, pattern)}
-
-
-def _examples(params: Mapping[str, Any], count: int = 8) -> list[str]:
-    return list(params)[:count]
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

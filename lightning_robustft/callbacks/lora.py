@@ -6,10 +6,11 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_robustft.callbacks._checks import SHARDED_STRATEGIES, is_real, refuse_unsupported, resolve_submodule
 from lightning_robustft.errors import RobustFTConfigError
 
 if TYPE_CHECKING:
@@ -17,8 +18,6 @@ if TYPE_CHECKING:
 
 #: Layer types that peft's LoRA can wrap when named in ``target_modules``.
 _SUPPORTED_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
-
-_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 _ADAPTER = "default"
 
@@ -98,9 +97,9 @@ class LoRACallback(Callback):
     ) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise RobustFTConfigError(f"`r`={r!r} must be an integer >= 1 (the rank of the LoRA update; 8 is usual).")
-        if not _is_real(alpha) or not alpha > 0:
+        if not is_real(alpha) or not alpha > 0:
             raise RobustFTConfigError(f"`alpha`={alpha!r} must be > 0 (the update is scaled by alpha / r).")
-        if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
+        if not is_real(dropout) or not 0.0 <= dropout < 1.0:
             raise RobustFTConfigError(f"`dropout`={dropout!r} must be a dropout rate in [0, 1).")
         for name, names in (("target_modules", target_modules), ("target_parameters", target_parameters)):
             if names is not None and (
@@ -187,7 +186,12 @@ class LoRACallback(Callback):
         """
         if self._tuner is not None:
             self.merge(pl_module)
-        submodule = resolve_module(pl_module, self.module)
+        submodule = resolve_submodule(
+            pl_module,
+            self.module,
+            argument="module",
+            hint="Pass the dotted name of the pretrained part to adapt (e.g. 'backbone').",
+        )
         if isinstance(submodule, _SUPPORTED_LAYERS):
             raise RobustFTConfigError(
                 f"`module`={self.module!r} is a single {type(submodule).__name__}; LoRACallback adapts the layers "
@@ -312,24 +316,16 @@ class LoRACallback(Callback):
 
 def check_strategy(strategy: Strategy) -> None:
     """Refuse sharded strategies: merging needs the whole base weights and adapters on every rank."""
-    if isinstance(strategy, _SHARDED_STRATEGIES):
-        raise RobustFTConfigError(
-            f"LoRACallback does not support strategy {type(strategy).__name__}: it shards parameters across ranks, "
-            "while the callback replaces layers in place and merges whole weights at the end of fit. Use "
-            "strategy='ddp' (or a single device)."
-        )
-
-
-def resolve_module(pl_module: nn.Module, module: str) -> nn.Module:
-    """Return ``pl_module.get_submodule(module)``, or raise an error that lists the top-level submodules."""
-    try:
-        return pl_module.get_submodule(module)
-    except AttributeError:
-        children = [name for name, _ in pl_module.named_children()]
-        raise RobustFTConfigError(
-            f"`module`={module!r} is not a submodule of {type(pl_module).__name__}; its top-level submodules are "
-            f"{children}. Pass the dotted name of the pretrained part to adapt (e.g. 'backbone')."
-        ) from None
+    refuse_unsupported(
+        strategy,
+        None,
+        callback="LoRACallback",
+        why=dict.fromkeys(
+            SHARDED_STRATEGIES,
+            "it shards parameters across ranks, while the callback replaces layers in place and merges whole weights "
+            "at the end of fit",
+        ),
+    )
 
 
 def _ignored_linears(module: nn.Module) -> set[str]:
@@ -353,7 +349,3 @@ def _import_peft() -> Any:
             "LoRACallback needs `peft`: install it with `pip install 'lightning-robustft[lora]'` or `pip install peft`."
         ) from error
     return peft
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from lightning_robustft.callbacks._checks import SHARDED_STRATEGIES, refuse_unsupported, resolve_submodule
 from lightning_robustft.errors import RobustFTConfigError
-
-_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 class LPFTCallback(Callback):
@@ -85,18 +84,26 @@ class LPFTCallback(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if isinstance(strategy, _SHARDED_STRATEGIES):
-            raise RobustFTConfigError(
-                f"LPFTCallback does not support strategy {type(strategy).__name__}: it toggles `requires_grad` of "
-                "parameters that the strategy shards and flattens. Use strategy='ddp_find_unused_parameters_true' "
-                "(or a single device)."
-            )
+        refuse_unsupported(
+            strategy,
+            pl_module,
+            callback="LPFTCallback",
+            why=dict.fromkeys(
+                SHARDED_STRATEGIES, "it toggles `requires_grad` of parameters that the strategy shards and flattens"
+            ),
+            fix="Use strategy='ddp_find_unused_parameters_true' (or a single device).",
+        )
         if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
             raise RobustFTConfigError(
                 "LPFTCallback with DDP needs `find_unused_parameters=True`: during the probe the submodule gets no "
                 "gradients, which plain DDP reports as an error. Use strategy='ddp_find_unused_parameters_true'."
             )
-        submodule = resolve_module(pl_module, self.module)
+        submodule = resolve_submodule(
+            pl_module,
+            self.module,
+            argument="module",
+            hint="Pass the dotted name of the pretrained part held fixed during the probe (e.g. 'backbone').",
+        )
         self._submodule = submodule
         self._frozen = False
         self._requires_grad = {name: param.requires_grad for name, param in submodule.named_parameters()}
@@ -177,15 +184,3 @@ class LPFTCallback(Callback):
             if name in modules:
                 modules[name].train(training and self._submodule.training)
         self._norm_modes = {}
-
-
-def resolve_module(pl_module: nn.Module, module: str) -> nn.Module:
-    """Return ``pl_module.get_submodule(module)``, or raise an error that lists the top-level submodules."""
-    try:
-        return pl_module.get_submodule(module)
-    except AttributeError:
-        children = [name for name, _ in pl_module.named_children()]
-        raise RobustFTConfigError(
-            f"`module`={module!r} is not a submodule of {type(pl_module).__name__}; its top-level submodules are "
-            f"{children}. Pass the dotted name of the pretrained part held fixed during the probe (e.g. 'backbone')."
-        ) from None

@@ -43,7 +43,7 @@ from lightning_robustft.callbacks.wise_ft import (
 )
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.metrics import OOD_AVERAGE, ood_average
-from lightning_robustft.ops.interpolate import _check_compatible, average_state_dicts
+from lightning_robustft.ops.interpolate import average_state_dicts, check_compatible
 
 CheckpointLike: TypeAlias = "str | Path | Mapping[str, Any]"
 """A checkpoint file (Lightning checkpoint or bare state dict), a loaded checkpoint dict, or a state dict."""
@@ -145,7 +145,7 @@ def _check_ingredient(
     """Return ``(label, skeleton)`` of the first ingredient; raise, naming both, if ``state`` does not match it."""
     if reference is None:
         return label, _skeleton(state)
-    _check_compatible(reference[0], reference[1], {label: state})
+    check_compatible(reference[0], reference[1], {label: state})
     return reference
 
 

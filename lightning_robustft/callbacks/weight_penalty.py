@@ -13,7 +13,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_robustft.callbacks.gmixout import _examples, _matching, _no_match_message, _resolve_head
+from lightning_robustft.callbacks._checks import (
+    check_selection,
+    refuse_unsupported,
+    resolve_submodule,
+    select_parameters,
+)
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.penalty import Norm, add_penalty_grad_, check_norm, check_strength, make_anchors
 
@@ -98,18 +103,7 @@ class WeightPenaltyCallback(Callback):
     ) -> None:
         self.strength = check_strength(strength)
         self.norm: Norm = check_norm(norm)
-        for name, patterns in (("targets", targets), ("exclude", exclude)):
-            if patterns is not None and (
-                isinstance(patterns, str) or not all(isinstance(pat, str) and pat for pat in patterns)
-            ):
-                raise RobustFTConfigError(
-                    f"`{name}`={patterns!r} must be a list of non-empty glob patterns over parameter names, "
-                    "e.g. ['backbone.*']."
-                )
-        if targets is not None and not targets:
-            raise RobustFTConfigError("`targets`=[] selects nothing; pass None for the default targets.")
-        if head is not None and (not isinstance(head, str) or not head):
-            raise RobustFTConfigError(f"`head`={head!r} must be a dotted submodule name such as 'head', or None.")
+        check_selection(targets, exclude, head, example="['backbone.*']")
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.head = head
@@ -218,19 +212,15 @@ def check_supported(strategy: Strategy, pl_module: LightningModule) -> None:
 
     The same strategies as ``GMixoutCallback`` refuses, with messages that name this callback and its reasons.
     """
-    for cls, why in _SHARDED_STRATEGIES.items():
-        if isinstance(strategy, cls):
-            raise RobustFTConfigError(
-                f"WeightPenaltyCallback does not support strategy {type(strategy).__name__}: {why}. Use "
-                "strategy='ddp' (or a single device)."
-            )
-    if not pl_module.automatic_optimization:
-        raise RobustFTConfigError(
-            f"WeightPenaltyCallback needs automatic optimization, but {type(pl_module).__name__}."
-            "automatic_optimization is False: with manual optimization the module steps the optimizer itself, and "
-            "the callback's `on_before_optimizer_step` would not see the gradients of every step. Use automatic "
-            "optimization, or add the penalty to your loss (`lightning_robustft.ops.penalty.penalty_value`)."
-        )
+    refuse_unsupported(
+        strategy,
+        pl_module,
+        callback="WeightPenaltyCallback",
+        why=_SHARDED_STRATEGIES,
+        manual_optimization="and the callback's `on_before_optimizer_step` would not see the gradients of every "
+        "step. Use automatic optimization, or add the penalty to your loss "
+        "(`lightning_robustft.ops.penalty.penalty_value`).",
+    )
 
 
 def select_penalty_targets(
@@ -244,38 +234,22 @@ def select_penalty_targets(
         RobustFTConfigError: a pattern matches no parameter, ``targets`` matches only frozen ones, ``head`` is not a
             submodule, or nothing is left to penalise.
     """
-    params = dict(module.named_parameters())
-    trainable = {name for name, param in params.items() if param.requires_grad and param.is_floating_point()}
-    if targets is None:
+
+    def outside_head() -> list[str]:
         if head is not None:
-            _resolve_head(module, head)
-        candidates = {name for name in params if head is None or not name.startswith(head + ".")}
-    else:
-        candidates = set()
-        for pattern in targets:
-            matched = _matching(params, pattern)
-            if not matched:
-                raise RobustFTConfigError(_no_match_message("targets", pattern, matched, params))
-            if not matched & trainable:
-                raise RobustFTConfigError(
-                    f"`targets` pattern {pattern!r} matches only frozen or non-floating parameters "
-                    f"({sorted(matched)[:5]}); the penalty acts through gradients, so only trainable ones can be "
-                    "penalised. Unfreeze them or drop the pattern."
-                )
-            candidates |= matched
-    for pattern in exclude:
-        matched = _matching(params, pattern)
-        if not matched:
-            raise RobustFTConfigError(_no_match_message("exclude", pattern, matched, params))
-        candidates -= matched
-    chosen = [name for name in params if name in candidates and name in trainable]
-    if not chosen:
-        raise RobustFTConfigError(
-            f"WeightPenaltyCallback found no trainable parameter to penalise in {type(module).__name__} "
-            f"(targets={targets!r}, exclude={list(exclude)!r}, head={head!r}). Name the tensors with `targets`, e.g. "
-            f"{_examples(params)}."
-        )
-    return chosen
+            resolve_submodule(module, head)
+        return [name for name, _ in module.named_parameters() if head is None or not name.startswith(head + ".")]
+
+    return select_parameters(
+        module,
+        targets,
+        exclude,
+        head,
+        default=outside_head,
+        frozen="frozen or non-floating parameters",
+        why_trainable="the penalty acts through gradients, so only trainable ones can be penalised",
+        nothing="WeightPenaltyCallback found no trainable parameter to penalise",
+    )
 
 
 def load_anchors(anchors: Sequence[torch.Tensor], names: Sequence[str], stored: Mapping[str, torch.Tensor]) -> None:

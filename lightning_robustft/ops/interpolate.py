@@ -50,7 +50,7 @@ def interpolate_state_dicts(theta_0: Mapping[str, Any], theta_1: Mapping[str, An
         model.load_state_dict(interpolate_state_dicts(theta_0, model.state_dict(), 0.5))
     """
     alpha = _check_coefficient("alpha", alpha)
-    _check_compatible("theta_1", theta_1, {"theta_0": theta_0})
+    check_compatible("theta_1", theta_1, {"theta_0": theta_0})
     result: dict[str, Any] = {}
     for name, end in theta_1.items():
         if not _is_float(end):
@@ -88,7 +88,7 @@ def average_state_dicts(
     coefficients = _normalised_weights(weights, len(state_dicts))
     reference = state_dicts[0]
     others = {f"state_dicts[{i}]": sd for i, sd in enumerate(state_dicts[1:], start=1)}
-    _check_compatible("state_dicts[0]", reference, others)
+    check_compatible("state_dicts[0]", reference, others)
     result: dict[str, Any] = {}
     for name, first in reference.items():
         if not _is_float(first):
@@ -137,13 +137,22 @@ def _normalised_weights(weights: Sequence[float] | None, count: int) -> list[flo
     return [w / total for w in values]
 
 
-def _check_compatible(
+def check_compatible(
     reference_label: str, reference: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]
 ) -> None:
     """Raise one error listing every disagreement between ``reference`` and each of ``others``.
 
     Every floating-point entry of ``reference`` must exist in the other with the same shape and a floating dtype;
-    the other may omit non-floating entries but may not hold keys that ``reference`` lacks.
+    the other may omit non-floating entries but may not hold keys that ``reference`` lacks. Public because the soups
+    check each checkpoint against the first as it is loaded, before any averaging, and must refuse it the same way.
+
+    Args:
+        reference_label: how the error names ``reference`` (e.g. ``"theta_1"`` or a checkpoint path).
+        reference: the state dict that defines the expected floating-point keys and shapes.
+        others: ``{label: state dict}`` to compare with ``reference``; each label names its state dict in the error.
+
+    Raises:
+        RobustFTConfigError: a state dict misses, adds or mismatches an entry (all problems listed in one message).
     """
     problems = []
     for label, other in others.items():
