@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -123,6 +124,7 @@ def plot_method_comparison(
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     markers = "osD^vP*Xh<>p"
+    colors = colormaps["tab20"].colors  # 20 distinct colours: a full comparison has more methods than tab10 has
     for index, (name, (id_mean, id_std, ood_mean, ood_std)) in enumerate(points.items()):
         axes.errorbar(
             id_mean * scale,
@@ -130,6 +132,7 @@ def plot_method_comparison(
             xerr=id_std * scale,
             yerr=ood_std * scale,
             fmt=markers[index % len(markers)],
+            color=colors[(2 * index) % len(colors) + (2 * index) // len(colors) % 2],
             markersize=7,
             capsize=3,
             label=name,
