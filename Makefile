@@ -30,7 +30,8 @@ test: install lint docs
 	$(BIN)/pytest -q
 
 demo: install
-	$(BIN)/robustft fit --config configs/demo.yaml
+	$(BIN)/robustft validate --config configs/demo.yaml   # the zero-shot model
+	$(BIN)/robustft fit --config configs/demo.yaml        # fine-tuning it
 
 bench: install
 	$(BIN)/python benchmarks/gmixout.py
