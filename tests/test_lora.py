@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lightning_robustft import ImageClassifier
+from lightning_robustft import ImageClassifier, WiSEFTCallback
 from lightning_robustft.callbacks.lora import LoRACallback, check_strategy
 from lightning_robustft.errors import RobustFTConfigError
 
@@ -301,6 +301,15 @@ def test_user_targets_pass_to_peft() -> None:
     assert sorted(peft_modules(model)) == ["backbone.0.attn", "backbone.0.mlp.2", "backbone.1.attn", "backbone.1.mlp.2"]
     callback.merge(model)
     assert peft_modules(model) == []
+
+
+def test_wise_ft_in_the_same_trainer_is_refused_before_any_change(tmp_path: Path) -> None:
+    model = make_model()
+    keys = list(model.state_dict())
+    trainer = make_epoch_trainer([LoRACallback(), WiSEFTCallback(dirpath=str(tmp_path))], 1, tmp_path)
+    with pytest.raises(RobustFTConfigError, match=r"cannot share a Trainer.*run_wiseft"):
+        trainer.fit(model, make_image_loader())
+    assert list(model.state_dict()) == keys and peft_modules(model) == []
 
 
 def test_sharded_strategies_are_refused() -> None:

@@ -144,6 +144,7 @@ class LoRACallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
+        refuse_weight_space_callbacks(trainer.callbacks)
         self.inject(pl_module)
         lora = sum(p.numel() for n, p in pl_module.named_parameters() if "lora_" in n)
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -349,3 +350,22 @@ def _import_peft() -> Any:
             "LoRACallback needs `peft`: install it with `pip install 'lightning-robustft[lora]'` or `pip install peft`."
         ) from error
     return peft
+
+
+def refuse_weight_space_callbacks(callbacks: list[Callback]) -> None:
+    """Refuse callbacks that average weights across the fit: they would see the adapters' structure, not the model's.
+
+    ``WiSEFTCallback`` snapshots ``theta_0`` when fit starts, after the adapters are injected, and interpolates
+    before or after the merge depending on the callback order; either way it would mix ``lora_A`` and ``lora_B``
+    separately, and ``B @ A`` is not linear in them. The correct WiSE-FT of a LoRA fine-tune interpolates the merged
+    (plain) weights, which ``run_wiseft`` does after the fact.
+    """
+    from lightning_robustft.callbacks.wise_ft import WiSEFTCallback
+
+    if any(isinstance(callback, WiSEFTCallback) for callback in callbacks):
+        raise RobustFTConfigError(
+            "LoRACallback and WiSEFTCallback cannot share a Trainer: WiSE-FT would interpolate the LoRA factors "
+            "(lora_A, lora_B) instead of the merged weights, and B @ A is not linear in them. Fine-tune with "
+            "LoRACallback, save the merged model (e.g. `torch.save({'state_dict': model.state_dict()}, "
+            "'lora.ckpt')`), then run `run_wiseft(model, 'lora.ckpt', val_loaders, zeroshot='zeroshot.ckpt')`."
+        )
