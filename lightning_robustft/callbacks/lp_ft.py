@@ -32,9 +32,10 @@ class LPFTCallback(Callback):
       update, no weight decay, no momentum or Adam state), and its running statistics do not move: the submodule is
       bitwise unchanged and only the rest of the model (the head) trains.
     * from epoch ``probe_epochs`` on (the fine-tuning stage): the submodule's ``requires_grad`` flags are the ones it
-      had when fit started and its norm layers follow the model's mode again. Adam-type optimizers start the
-      submodule's moments and bias correction at this point, as a fresh optimizer would; the learning-rate schedule
-      is the run's one schedule, continued (the paper trains the two stages as two runs with their own schedules).
+      had when the probe began (so adapters and freezing by other callbacks' ``setup`` are kept) and its norm layers
+      follow the model's mode again. Adam-type optimizers start the submodule's moments and bias correction at this
+      point, as a fresh optimizer would; the learning-rate schedule is the run's one schedule, continued (the paper
+      trains the two stages as two runs with their own schedules).
 
     This is why it is not Lightning's ``BaseFinetuning``: that callback freezes the backbone before the optimizer is
     built and adds it as a new parameter group when it unfreezes, which breaks learning-rate schedulers that zip
@@ -106,9 +107,9 @@ class LPFTCallback(Callback):
         )
         self._submodule = submodule
         self._frozen = False
-        self._requires_grad = {name: param.requires_grad for name, param in submodule.named_parameters()}
+        self._requires_grad = {}
         self._norm_modes = {}
-        if not any(self._requires_grad.values()):
+        if not any(param.requires_grad for param in submodule.parameters()):
             rank_zero_warn(
                 f"LPFTCallback: `{self.module}` has no trainable parameter, so there is nothing to fine-tune after "
                 "the probe (is the backbone frozen, e.g. `freeze_backbone=True`?)."
@@ -162,6 +163,10 @@ class LPFTCallback(Callback):
     def _freeze(self) -> None:
         if self._submodule is None:
             return
+        if not self._frozen:
+            # The flags as the probe finds them, not as they were at `setup`: callbacks listed after this one may
+            # add or freeze parameters in their own `setup` (LoRACallback injects adapters and freezes the base).
+            self._requires_grad = {name: param.requires_grad for name, param in self._submodule.named_parameters()}
         self._submodule.requires_grad_(False)
         self._frozen = True
         self._norms_eval()
