@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -79,13 +81,7 @@ def plot_id_vs_ood(
     unit = " (%)" if percent else ""
     axes.set_xlabel(f"ID accuracy: {id_key}{unit}")
     axes.set_ylabel(f"OOD accuracy: {ood_key}{unit}")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
-    if title:
-        axes.set_title(title)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
+    _finish(figure, axes, path, title, legend={"loc": "best"})
     return figure
 
 
@@ -140,14 +136,19 @@ def plot_method_comparison(
     unit = " (%)" if percent else ""
     axes.set_xlabel(id_label + unit)
     axes.set_ylabel(ood_label + unit)
+    _finish(figure, axes, path, title, legend={"loc": "center left", "bbox_to_anchor": (1.01, 0.5)})
+    return figure
+
+
+def _finish(figure: Figure, axes: Axes, path: str | Path | None, title: str | None, legend: dict[str, Any]) -> None:
+    """Grid, legend and title, then write the image when a path is given (creating its folder)."""
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes.legend(fontsize=8, **legend)
     if title:
         axes.set_title(title)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=120)
-    return figure
 
 
 def _points(
