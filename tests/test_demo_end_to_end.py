@@ -54,3 +54,31 @@ def test_demo_config_fits_from_the_cli(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert {f"val/{name}/acc" for name in ("id", "ood_avg", *DEMO_OOD_SETS)} <= set(metrics)
     assert list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "callback"),
+    [
+        ("demo_gmixout", "GMixoutCallback"),
+        ("demo_dropout", "DropoutHeadCallback"),
+        ("demo_wiseft", "WiSEFTCallback"),
+    ],
+)
+def test_method_demo_configs_fit_with_their_callback(config, callback, tmp_path):
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{config}.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert callback in {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert "val/ood_avg/acc" in cli.trainer.callback_metrics
+    assert set(cli.model.state_dict()) == set(
+        ImageClassifier.load_from_checkpoint(next(tmp_path.rglob("last.ckpt"))).state_dict()
+    )
