@@ -100,7 +100,6 @@ def test_p_zero_is_identity():
 
 
 def test_restore_and_state_machine():
-    threads = torch.get_num_threads()
     params, gen = make_targets(SHAPES[:3], torch.float32)
     passes = MixoutPasses(params, p=0.5, seed=0, backend="torch")
     w = move(params, gen)
@@ -124,7 +123,6 @@ def test_restore_and_state_machine():
     passes.mix_out(2, [None] * 3)
     with pytest.raises(RuntimeError, match="mix_out"):
         passes.mix_out(2, [None] * 3)
-    assert torch.get_num_threads() == threads, "the one-thread CPU passes restore the thread count"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -28,19 +28,17 @@ bitwise ``w``.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 import torch
 
 from lightning_robustft.errors import RobustFTConfigError
 
 Backend = Literal["auto", "triton", "torch"]
-_T = TypeVar("_T")
 
 _BACKENDS = ("auto", "triton", "torch")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -278,34 +276,13 @@ def _in_layout_of(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return g if g.stride() == w.stride() else torch.empty_like(w).copy_(g)
 
 
-def _on_one_cpu_thread(method: Callable[..., _T]) -> Callable[..., _T]:
-    """Run a CPU pass with one intra-op thread, restoring the thread count afterwards.
-
-    The passes are memory-bound (one thread copies as fast as two here), and on a busy machine a multi-threaded op
-    waits for a preempted partner thread: 2-thread ops were measured 10-60x slower than 1-thread ones on a shared
-    2-core box. Switching costs well under a microsecond.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: _TorchPasses, *args: object) -> _T:
-        threads = torch.get_num_threads()
-        if self._device.type != "cpu" or threads == 1:
-            return method(self, *args)
-        torch.set_num_threads(1)
-        try:
-            return method(self, *args)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
 class _TorchPasses:
     """The passes with PyTorch ops: CPU, and CUDA without Triton.
 
     Masks are drawn once per period into a cache of flat bool tensors (1 byte per element), reused while the period
     does not change. On CPU every op runs on chunks of ``_CPU_CHUNK`` elements with an fp32 scratch buffer, so the ops
-    of a pass re-read their operands from cache rather than memory, on one thread. On CUDA a chunk is a whole tensor.
+    of a pass re-read their operands from cache rather than memory, with the process's intra-op threads (on an idle
+    2-core machine two threads run the passes about twice as fast as one). On CUDA a chunk is a whole tensor.
     """
 
     def __init__(
@@ -342,7 +319,6 @@ class _TorchPasses:
             self._mask_period = period
         return self._masks
 
-    @_on_one_cpu_thread
     def mix_in(self, period: int) -> None:
         masks = self._period_masks(period) if self._p else None  # p = 0: w~ = w, only the backup is written
         scratch = self._scratch()
@@ -353,7 +329,6 @@ class _TorchPasses:
                 if masks:
                     _mix_in_chunk(w[s], b[s], a[s], self._weight(masks[i][s], scratch[0]), scratch[1])
 
-    @_on_one_cpu_thread
     def mix_out(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
         masks = self._period_masks(period) if self._p else None  # p = 0: g <- 1*g/1 = g
         scratch = self._scratch()
@@ -368,14 +343,12 @@ class _TorchPasses:
             if target is not None and target is not g:
                 g.copy_(target)
 
-    @_on_one_cpu_thread
     def restore(self) -> None:
         for w, b in zip(self._params, self._backups, strict=True):
             w, b = flat_view(w), flat_view(b)
             for s in self._spans(w.numel()):
                 w[s].copy_(b[s])
 
-    @_on_one_cpu_thread
     def update_anchor(self, weight: float) -> None:
         scratch = self._scratch()
         for a, w in zip(self._anchors, self._params, strict=True):
@@ -383,7 +356,6 @@ class _TorchPasses:
             for s in self._spans(w.numel()):
                 _anchor_chunk(a[s], w[s], weight, scratch[0])
 
-    @_on_one_cpu_thread
     def mask(self, period: int, index: int) -> torch.Tensor:
         param = self._params[index]
         if self._p == 0.0:
