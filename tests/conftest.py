@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -88,3 +89,26 @@ def image_folders(tmp_path: Path) -> dict[str, Path]:
         "ood_full": write_image_folder(tmp_path / "ood_full", classes, seed=2),
         "ood_subset": write_image_folder(tmp_path / "ood_subset", ["a", "c"], seed=3),
     }
+
+
+class TinyNet(LightningModule):
+    """Linear + BatchNorm backbone (an integer buffer) and a linear ``head``, SGD; no metrics (WiSE-FT, soups)."""
+
+    def __init__(self, in_dim: int = 6, hidden: int = 12, classes: int = 3, lr: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)

@@ -11,7 +11,7 @@ import lightning
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from conftest import TinyNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,19 +23,6 @@ from lightning_robustft.callbacks.model_soup import (
     uniform_soup,
 )
 from lightning_robustft.errors import RobustFTConfigError
-
-
-class TinyNet(LightningModule):
-    """Linear + BatchNorm backbone (an integer buffer) and a linear ``head``; no metrics of its own."""
-
-    def __init__(self, in_dim: int = 6, hidden: int = 12, classes: int = 3) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.backbone = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
 
 class Dial(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from conftest import TinyNet
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -37,29 +37,6 @@ from lightning_robustft.ops.interpolate import interpolate_state_dicts
 from lightning_robustft.plotting import plot_id_vs_ood
 
 SETS = ("id", "shift", "noise")
-
-
-class TinyNet(LightningModule):
-    """Linear + BatchNorm backbone (an integer buffer) and a linear ``head``; no metrics of its own."""
-
-    def __init__(self, in_dim: int = 6, hidden: int = 12, classes: int = 3, lr: float = 0.5) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.backbone = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self(batch[0])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
 class Recorder(Callback):
