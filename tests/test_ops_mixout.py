@@ -15,13 +15,17 @@ from lightning_robustft.ops import mixout
 from lightning_robustft.ops.mixout import (
     MixoutPasses,
     anchor_reference,
+    bit_weights,
+    block_key,
     draw_keep_mask,
     keep_threshold,
     mix_scale,
     mixin_reference,
     mixout_grad_reference,
+    pack_bits,
     resolve_backend,
     stream_seed,
+    unpack_bits,
 )
 
 # Odd sizes, a conv-shaped tensor, and a larger one.
@@ -75,7 +79,7 @@ def check_pass_semantics(passes, params, anchors, w, period, p, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.3, 0.9])
 def test_passes_match_references(dtype, p, monkeypatch):
-    monkeypatch.setattr(mixout, "_CPU_CHUNK", 4096)  # chunk boundaries inside the 4099- and 70001-element tensors
+    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)  # block boundaries inside the 4099- and 70001-element tensors
     params, gen = make_targets(SHAPES, dtype)
     passes = MixoutPasses(params, p=p, seed=11, backend="torch")
     anchors = [a.clone() for a in passes.anchors]
@@ -152,6 +156,7 @@ def test_masks_deterministic_distinct_and_cached(monkeypatch):
     assert not torch.equal(m, other_seed.mask(3, 0))
 
     draws = []
+    # One draw per block; the blocks are drawn on worker threads, and list.append is atomic.
     monkeypatch.setattr(mixout, "draw_keep_mask", lambda *a, **k: draws.append(a) or draw_keep_mask(*a, **k))
     params, gen = make_targets(shapes, torch.float32)
     passes = MixoutPasses(params, p=0.5, seed=5, backend="torch")
@@ -168,6 +173,80 @@ def test_masks_deterministic_distinct_and_cached(monkeypatch):
     passes.mix_in(4)
     assert len(draws) == 4
     assert not any(torch.equal(t == a, h) for t, a, h in zip(params, passes.anchors, held_first, strict=True))
+
+
+def test_mask_is_the_documented_block_draw(monkeypatch):
+    """Block j of tensor i in period r is draw_keep_mask(block, p, block_key(seed, r, i, j)), whatever else is drawn."""
+    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)
+    shapes = [(4099,), (3, 5, 7), (70001,)]
+    params, gen = make_targets(shapes, torch.float32)
+    passes = MixoutPasses(params, p=0.7, seed=21, backend="torch")
+    move(params, gen)
+    alone = passes.mask(5, 2)  # drawn on its own, before the period's masks exist
+    passes.mix_in(5)
+    masks = [passes.mask(5, i) for i in range(len(shapes))]
+    held = [t == a for t, a in zip(params, passes.anchors, strict=True)]
+    assert all(torch.equal(h, ~m) for h, m in zip(held, masks, strict=True))
+    assert torch.equal(alone, masks[2])
+    passes.restore()
+    for i, (shape, mask) in enumerate(zip(shapes, masks, strict=True)):
+        flat = mask.flatten()
+        for j, lo in enumerate(range(0, flat.numel(), 4096)):
+            n = min(4096, flat.numel() - lo)
+            ref = draw_keep_mask(-(-n // 8) * 8, 0.7, block_key(21, 5, i, j), torch.device("cpu"))[:n]
+            assert torch.equal(flat[lo : lo + n], ref), (shape, j)
+
+
+def test_pack_and_unpack_bits():
+    keep = torch.rand(8 * 1001, generator=torch.Generator().manual_seed(0)) < 0.3
+    bits = pack_bits(keep, torch.empty(1001, dtype=torch.uint8))
+    assert int(bits[0]) == sum(int(keep[k]) << k for k in range(8)), "bit k of byte j is element 8j+k"
+    assert torch.equal(unpack_bits(bits, 8 * 1001), keep)
+    assert torch.equal(unpack_bits(bits, 8 * 1001 - 5), keep[:-5])
+    table = bit_weights(2.5, torch.device("cpu"))
+    assert table.shape == (256, 8) and table.dtype == torch.float32
+    assert torch.equal(table[bits.long()].flatten(), keep.float() * 2.5)
+
+
+def test_mix_in_swaps_storage_and_keeps_w_and_the_version_counter():
+    """w~ lives in a buffer the parameter points at; w is never written; the Parameter keeps its autograd identity."""
+    lin = nn.Linear(9, 4)
+    passes = MixoutPasses([lin.weight], p=0.5, seed=0, backend="torch")
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    own = lin.weight.data  # an alias of the parameter's own storage
+    w, ptr, version = own.clone(), own.data_ptr(), lin.weight._version
+    passes.mix_in(0)
+    assert lin.weight.data_ptr() != ptr and torch.equal(own, w), "w untouched in its own storage"
+    assert not torch.equal(lin.weight, w)
+    lin(torch.randn(3, 9)).sum().backward()  # autograd accepts the swapped parameter
+    passes.mix_out(0, [lin.weight.grad])
+    assert lin.weight.data_ptr() == ptr and torch.equal(lin.weight, w)
+    assert lin.weight._version == version and isinstance(lin.weight, nn.Parameter)
+    passes.mix_in(0)
+    passes.restore()
+    assert lin.weight.data_ptr() == ptr
+
+
+def test_target_moved_after_building_is_refused():
+    params = [torch.randn(5), torch.randn(3)]
+    passes = MixoutPasses(params, p=0.5, seed=0, backend="torch")
+    params[1].data = params[1].data.to(torch.float16)
+    with pytest.raises(RuntimeError, match=r"Target 1 is now torch.float16.*build the passes after"):
+        passes.mix_in(0)
+    assert not passes.mixed
+    with pytest.raises(RuntimeError, match="Target 1"):
+        passes.update_anchor(0.5)
+
+
+def test_persistent_memory_is_buffers_anchors_and_one_bit_per_entry():
+    params = [torch.randn(4099), torch.randn(3, 5, 7)]
+    passes = MixoutPasses(params, p=0.9, seed=0, backend="torch")
+    passes.mix_in(0)
+    passes.mix_out(0, [None, None])
+    numel = sum(t.numel() for t in params)
+    held = {id(t): t for t in [*passes._buffers, *passes.anchors, *passes._impl._bits]}
+    assert sum(t.nbytes for t in held.values()) == 2 * 4 * numel + sum(-(-t.numel() // 8) for t in params)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

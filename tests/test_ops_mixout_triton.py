@@ -261,15 +261,16 @@ def accesses(fn, sig, dtype):
     src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     return set(re.findall(r"(?:ld|st)\.global\.v4\.b32", ptx))
-mix = {"w_table": "*i64", "b_table": "*i64", "a_table": "*i64", "numels": "*i64", "keys": "*i64",
+mix = {"w_table": "*i64", "m_table": "*i64", "a_table": "*i64", "numels": "*i64", "keys": "*i64",
        "block_tensor": "*i32", "block_index": "*i32", "p": "fp32", "scale": "fp32"}
-out = {("g_table" if k == "a_table" else k): v for k, v in mix.items()}
+grad = {"g_table": "*i64", "numels": "*i64", "keys": "*i64", "block_tensor": "*i32", "block_index": "*i32",
+        "p": "fp32", "scale": "fp32"}
 anchor = {"a_table": "*i64", "w_table": "*i64", **tables, "weight": "fp32"}
-for fn, sig in ((mt._mix_in_kernel, mix), (mt._mix_out_kernel, out), (mt._anchor_kernel, anchor)):
+for fn, sig in ((mt._mix_in_kernel, mix), (mt._grad_kernel, grad), (mt._anchor_kernel, anchor)):
     found = accesses(fn, sig, tl.float32)
     assert found == {"ld.global.v4.b32", "st.global.v4.b32"}, (fn.__name__, found)
 for dtype in (tl.bfloat16, tl.float16):  # 16-bit params: they compile (bf16 rounding by integer ops included)
-    accesses(mt._mix_in_kernel, mix, dtype), accesses(mt._mix_out_kernel, out, dtype)
+    accesses(mt._mix_in_kernel, mix, dtype), accesses(mt._grad_kernel, grad, dtype)
 # Kernels defined compiled never receive CPU tensors, even if the environment changes afterwards.
 import os, torch
 from lightning_robustft.errors import RobustFTConfigError

@@ -58,10 +58,11 @@ class GMixoutCallback(Callback):
     optimizer step ``t`` (period ``r = t // resample_every``):
 
     1. before the first forward of the step (``on_train_batch_start``, once even with gradient accumulation): at the
-       start of a period ``r >= 1``, move the anchor; then keep ``w`` and write ``w~`` into the parameters;
+       start of a period ``r >= 1``, move the anchor; then compute ``w~`` into a buffer and point each target at it
+       (``param.data``; ``w`` stays in the parameter's own storage);
     2. forward and backward run unchanged on ``w~``;
-    3. ``on_before_optimizer_step`` (gradients complete, DDP-reduced, AMP-unscaled): restore ``w`` and turn the
-       gradient into the exact gradient of ``w``, ``g <- M * g / (1 - p)``;
+    3. ``on_before_optimizer_step`` (gradients complete, DDP-reduced, AMP-unscaled): point the targets back at ``w``
+       and turn the gradient into the exact gradient of ``w``, ``g <- M * g / (1 - p)``;
     4. the user's optimizer, clipping and schedulers step ``w`` as usual.
 
     Outside a training step the parameters hold ``w``: validation (even mid-accumulation), checkpoints (a checkpoint
@@ -195,10 +196,9 @@ class GMixoutCallback(Callback):
         params = dict(pl_module.named_parameters())
         self._params = [params[name] for name in self._target_names]
         assert self._seed is not None
-        # The passes write through `.data` aliases, which do not bump the parameters' autograd version counters: a
-        # checkpoint saved between forward and backward restores w and writes the same w~ back, which is harmless,
-        # but with the counters bumped backward would refuse to run.
-        self._passes = MixoutPasses([param.data for param in self._params], self.p, self._seed, self.backend)
+        # The passes swap the parameters' `.data` (w~ in, w back), which keeps each Parameter object, its autograd
+        # version counter, its optimizer state and DDP's hooks: backward sees w~, the optimizer steps w.
+        self._passes = MixoutPasses(self._params, self.p, self._seed, self.backend)
         if self._loaded_anchors is not None:
             load_anchors(self._passes, self._target_names, self._loaded_anchors)
             self._loaded_anchors = None

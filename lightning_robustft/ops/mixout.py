@@ -4,18 +4,26 @@ GMixout trains with mixed weights ``w~ = a + M*(w - a)/(1-p)`` (``a`` the fp32 a
 elementwise) while the optimizer steps the learned weights ``w``. Per optimizer step that takes two passes over the
 targets, wrapped around the user's forward/backward:
 
-* **mix-in**: keep ``w`` in a backup buffer and write ``w~`` into the parameters in place;
-* **mix-out**: restore ``w`` from the backup and turn the gradient of ``w~`` into the gradient of ``w``,
-  ``g <- M*g/(1-p)`` (the exact chain rule), in the same pass;
+* **mix-in**: compute ``w~`` into a second buffer per target and point the parameter at it (``param.data = w~``);
+  ``w`` stays untouched in its own storage;
+* **mix-out**: point the parameter back at ``w`` (free) and turn the gradient of ``w~`` into the gradient of ``w``,
+  ``g <- M*g/(1-p)`` (the exact chain rule), in place;
 
 plus, at every mask redraw, the anchor EMA ``a <- decay*a + (1-decay)*w``.
+
+Why a storage swap rather than writing ``w~`` into the parameter and ``w`` into a backup: the swap keeps the same
+memory (anchor + one buffer) but moves far fewer bytes. Mix-in reads ``w`` and ``a`` and writes ``w~`` (no backup
+write), and mix-out only rescales the gradient (no copy of ``w`` back); restoring ``w`` for validation, a checkpoint
+or an exception is a pointer swap. ``param.data = ...`` is how ``nn.Module._apply`` moves parameters: the
+``Parameter`` object, its autograd identity and version counter, its optimizer state and DDP's hooks are unchanged.
 
 Two backends implement them with the same semantics but different mask bits (each path is deterministic):
 
 * ``"triton"`` (:mod:`lightning_robustft.ops.mixout_triton`, imported lazily): one launch per pass and parameter dtype,
   the mask regenerated inside the kernel from ``(seed, period, tensor, element)`` with Philox, never stored;
-* ``"torch"``: masks drawn from a seeded :class:`torch.Generator`, kept for the current period (so ``resample_every >
-  1`` does not redraw), arithmetic chunked on CPU so each chunk's temporaries stay in cache.
+* ``"torch"``: the mask of each block of :data:`MASK_BLOCK` elements drawn from its own seeded
+  :class:`torch.Generator`, kept for the current period as packed bits (1 bit per element) so that
+  ``resample_every > 1`` does not redraw; arithmetic in blocks whose temporaries stay in cache.
 
 The mask of tensor ``i`` in period ``r`` depends only on ``(seed, r, i, element index)``; the element index is the
 position in memory order (row-major for contiguous tensors). Identical on every rank, reproducible after a resume.
@@ -30,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import Literal, Protocol
 
@@ -43,10 +51,12 @@ Backend = Literal["auto", "triton", "torch"]
 _BACKENDS = ("auto", "triton", "torch")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MASK64 = (1 << 64) - 1
-# CPU chunk length (elements) of the torch path: a chunk's operands (about 4 x 2 MiB in fp32) stay in the L3 cache
-# between the eager ops of a pass, which then costs about one trip to memory instead of four, while each op is large
-# enough that dispatch overhead stays small (measured: 40% faster than 32K-element chunks).
-_CPU_CHUNK = 1 << 19
+
+MASK_BLOCK = 1 << 19
+"""Elements per block of the torch path: the unit of its mask draws (each block has its own generator, seeded by
+:func:`block_key`) and of its arithmetic (a block's operands, about
+4 x 2 MiB in fp32, stay in the L3 cache between the eager ops of a pass, which then costs about one trip to memory).
+A multiple of 8 (the bits are packed by 8) and part of the torch path's mask definition."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -99,18 +109,28 @@ def keep_threshold(p: float) -> int:
     return min(-(1 << 31) + round(p * (1 << 32)), (1 << 31) - 1)
 
 
+def block_key(seed: int, period: int, index: int, block: int) -> int:
+    """The generator seed of one block of the torch path's mask: one more SplitMix64 round over :func:`stream_seed`.
+
+    Block ``block`` covers elements ``[block*MASK_BLOCK, (block+1)*MASK_BLOCK)`` of tensor ``index`` in period
+    ``period``; its own key makes a block's bits independent of how the others are drawn (order, chunking).
+    """
+    return _splitmix64(stream_seed(seed, period, index) ^ block)
+
+
 def draw_keep_mask(
     numel: int, p: float, key: int, device: torch.device, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Draw the torch path's flat boolean keep-mask (True = kept) from a Generator seeded with ``key``.
+    """Draw a flat boolean keep-mask (True = kept) from a Generator seeded with ``key``.
 
     Uniform 32-bit integers are drawn as full-range int64 (the generator's fastest path, two draws per 64-bit word)
-    and compared with :func:`keep_threshold`: about 4x faster than ``bernoulli_`` on CPU.
+    and compared with :func:`keep_threshold`: about 4x faster than ``bernoulli_`` on CPU. The torch path draws each
+    block of its masks this way.
 
     Args:
         numel: Number of elements.
         p: Probability of holding an entry at the anchor (``M = 0``).
-        key: Generator seed, from :func:`stream_seed`.
+        key: Generator seed, from :func:`block_key`.
         device: Device of the mask (and of the generator).
         out: Optional flat bool tensor of ``numel`` elements to write into.
 
@@ -124,6 +144,34 @@ def draw_keep_mask(
     if out is None:
         out = torch.empty(numel, dtype=torch.bool, device=device)
     return torch.ge(words.view(torch.int32)[:numel], keep_threshold(p), out=out)
+
+
+def pack_bits(keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Pack a contiguous bool tensor of ``8*n`` elements into ``n`` bytes: bit ``k`` of byte ``j`` is element ``8j+k``.
+
+    Eight 0/1 bytes are read as one int64 word (little-endian, as on every platform PyTorch supports) and folded
+    with three shift-ors, which moves the byte at bit ``8k`` to bit ``k``; about 3x faster than a weighted sum.
+    """
+    words = keep.view(torch.int64)
+    folded = words | (words >> 7)
+    folded |= folded >> 14
+    folded |= folded >> 28
+    return out.copy_(folded.bitwise_and_(0xFF))
+
+
+def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat bool tensor of ``numel`` elements that :func:`pack_bits` packed into ``bits``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(1) >> shifts) & 1).bool().flatten()[:numel]
+
+
+def bit_weights(value: float, device: torch.device) -> torch.Tensor:
+    """Lookup table ``(256, 8)`` fp32: row ``b`` holds ``value`` where bit ``k`` of ``b`` is set, else 0.
+
+    Gathering its rows by packed mask bytes turns one byte of mask into the eight fp32 weights ``M*s`` in one op.
+    """
+    codes = torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)
+    return (codes & 1).to(torch.float32) * value
 
 
 def mixin_reference(w: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -239,20 +287,19 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Impl(Protocol):
-    def mix_in(self, period: int) -> None: ...
-    def mix_out(self, period: int, grads: Sequence[torch.Tensor | None]) -> None: ...
-    def restore(self) -> None: ...
-    def update_anchor(self, weight: float) -> None: ...
+    def mix(self, period: int, learned: Sequence[torch.Tensor]) -> None: ...
+    def scale_grads(self, period: int, grads: Sequence[torch.Tensor | None]) -> None: ...
+    def update_anchor(self, weight: float, learned: Sequence[torch.Tensor]) -> None: ...
     def mask(self, period: int, index: int) -> torch.Tensor: ...
 
 
-def _mix_in_chunk(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, tmp: torch.Tensor) -> None:
-    """``w <- lerp(a, b, weight)`` in fp32 (``weight = M*s``: 0 gives ``a`` exactly), rounded to ``w``'s dtype."""
+def _mix_chunk(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, tmp: torch.Tensor) -> None:
+    """``out <- lerp(a, w, weight)`` in fp32 (``weight = M*s``: 0 gives ``a`` exactly), rounded to ``out``'s dtype."""
     if w.dtype == torch.float32:
-        torch.lerp(a, b, weight, out=w)
+        torch.lerp(a, w, weight, out=out)
     else:
-        b32 = tmp[: b.numel()].copy_(b)
-        w.copy_(torch.lerp(a, b32, weight, out=b32))
+        w32 = tmp[: w.numel()].copy_(w)
+        out.copy_(torch.lerp(a, w32, weight, out=w32))
 
 
 def _scale_grad_chunk(g: torch.Tensor, weight: torch.Tensor, tmp: torch.Tensor) -> None:
@@ -276,96 +323,97 @@ def _in_layout_of(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return g if g.stride() == w.stride() else torch.empty_like(w).copy_(g)
 
 
+def _blocks(numel: int) -> Iterator[tuple[int, slice]]:
+    """``(block number, element slice)`` of each :data:`MASK_BLOCK` block of a flat tensor of ``numel`` elements."""
+    return ((j, slice(lo, min(lo + MASK_BLOCK, numel))) for j, lo in enumerate(range(0, numel, MASK_BLOCK)))
+
+
+def _padded(n: int) -> int:
+    """``n`` rounded up to a multiple of 8 (whole bytes of packed mask)."""
+    return -(-n // 8) * 8
+
+
 class _TorchPasses:
     """The passes with PyTorch ops: CPU, and CUDA without Triton.
 
-    Masks are drawn once per period into a cache of flat bool tensors (1 byte per element), reused while the period
-    does not change. On CPU every op runs on chunks of ``_CPU_CHUNK`` elements with an fp32 scratch buffer, so the ops
-    of a pass re-read their operands from cache rather than memory, with the process's intra-op threads (on an idle
-    2-core machine two threads run the passes about twice as fast as one). On CUDA a chunk is a whole tensor.
+    The period's mask is kept as packed bits (1 bit per element); a pass turns each block's bytes into the fp32
+    weights ``M*s`` with one gather from :func:`bit_weights`' table. The arithmetic runs block by block with the
+    process's intra-op threads, so each op re-reads its operands from cache.
     """
 
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        backups: Sequence[torch.Tensor],
-        anchors: Sequence[torch.Tensor],
-        p: float,
-        seed: int,
+    def __init__(self, buffers: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], p: float, seed: int) -> None:
+        self._buffers, self._anchors = buffers, anchors
+        self._p, self._seed = p, seed
+        self._device = anchors[0].device
+        self._weights = bit_weights(mix_scale(p), self._device)
+        self._bits = [torch.empty(_padded(t.numel()) // 8, dtype=torch.uint8, device=self._device) for t in buffers]
+        self._bits_period: int | None = None
+
+    def _scratch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.empty(MASK_BLOCK, dtype=dtype, device=self._device)
+
+    def _draw_blocks(
+        self, period: int, jobs: Sequence[tuple[int, int, slice]], bits: Mapping[int, torch.Tensor] | list[torch.Tensor]
     ) -> None:
-        self._params, self._backups, self._anchors = params, backups, anchors
-        self._p, self._seed, self._scale = p, seed, mix_scale(p)
-        self._device = params[0].device
-        self._chunk = _CPU_CHUNK if self._device.type == "cpu" else max(1, *(t.numel() for t in params))
-        self._masks: list[torch.Tensor] = []
-        self._mask_period: int | None = None
+        """Draw the blocks ``(tensor, block, slice)`` of ``period`` into the packed ``bits`` of each tensor."""
+        keep = self._scratch(torch.bool)
+        for index, block, span in jobs:
+            n = _padded(span.stop - span.start)
+            draw_keep_mask(n, self._p, block_key(self._seed, period, index, block), self._device, out=keep[:n])
+            pack_bits(keep[:n], bits[index][span.start // 8 : span.start // 8 + n // 8])
 
-    def _spans(self, numel: int) -> Iterator[slice]:
-        return (slice(lo, min(lo + self._chunk, numel)) for lo in range(0, numel, self._chunk))
+    def _period_bits(self, period: int) -> list[torch.Tensor]:
+        if self._bits_period != period:
+            self._bits_period = None  # a failed draw leaves no half-drawn mask behind
+            jobs = [(i, j, span) for i, t in enumerate(self._buffers) for j, span in _blocks(t.numel())]
+            self._draw_blocks(period, jobs, self._bits)
+            self._bits_period = period
+        return self._bits
 
-    def _scratch(self) -> torch.Tensor:
-        return torch.empty(2, self._chunk, dtype=torch.float32, device=self._device)
+    def _block_weights(self, bits: torch.Tensor, span: slice, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The fp32 weights ``M*s`` of the elements in ``span``, gathered from the table by their mask bytes."""
+        n = _padded(span.stop - span.start)
+        codes = index[: n // 8].copy_(bits[span.start // 8 : span.start // 8 + n // 8])
+        torch.index_select(self._weights, 0, codes, out=out[:n].view(-1, 8))
+        return out[: span.stop - span.start]
 
-    def _weight(self, keep: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        # M*s in fp32; converting from a uint8 view of the bool mask is about 4x faster on CPU than from bool.
-        return scratch[: keep.numel()].copy_(keep.view(torch.uint8)).mul_(self._scale)
+    def mix(self, period: int, learned: Sequence[torch.Tensor]) -> None:
+        bits = self._period_bits(period)
+        weight, tmp, index = self._scratch(), self._scratch(), self._scratch(torch.int32)
+        for i, (w, out, a) in enumerate(zip(learned, self._buffers, self._anchors, strict=True)):
+            w, out, a = flat_view(w), flat_view(out), flat_view(a)
+            for _, s in _blocks(w.numel()):
+                _mix_chunk(out[s], w[s], a[s], self._block_weights(bits[i], s, index, weight), tmp)
 
-    def _period_masks(self, period: int) -> list[torch.Tensor]:
-        if self._mask_period != period:
-            if not self._masks:
-                self._masks = [torch.empty(t.numel(), dtype=torch.bool, device=self._device) for t in self._params]
-            for index, out in enumerate(self._masks):
-                draw_keep_mask(out.numel(), self._p, stream_seed(self._seed, period, index), self._device, out=out)
-            self._mask_period = period
-        return self._masks
-
-    def mix_in(self, period: int) -> None:
-        masks = self._period_masks(period) if self._p else None  # p = 0: w~ = w, only the backup is written
-        scratch = self._scratch()
-        for i, (w, b, a) in enumerate(zip(self._params, self._backups, self._anchors, strict=True)):
-            w, b, a = flat_view(w), flat_view(b), flat_view(a)
-            for s in self._spans(w.numel()):
-                b[s].copy_(w[s])
-                if masks:
-                    _mix_in_chunk(w[s], b[s], a[s], self._weight(masks[i][s], scratch[0]), scratch[1])
-
-    def mix_out(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
-        masks = self._period_masks(period) if self._p else None  # p = 0: g <- 1*g/1 = g
-        scratch = self._scratch()
-        for i, (w, b, g) in enumerate(zip(self._params, self._backups, grads, strict=True)):
-            target = _in_layout_of(g, w) if g is not None and masks else None
-            flat_w, flat_b = flat_view(w), flat_view(b)
-            flat_g = None if target is None else flat_view(target)
-            for s in self._spans(flat_w.numel()):
-                flat_w[s].copy_(flat_b[s])
-                if flat_g is not None:
-                    _scale_grad_chunk(flat_g[s], self._weight(masks[i][s], scratch[0]), scratch[1])
-            if target is not None and target is not g:
+    def scale_grads(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
+        bits = self._period_bits(period)
+        weight, tmp, index = self._scratch(), self._scratch(), self._scratch(torch.int32)
+        for i, (g, like) in enumerate(zip(grads, self._buffers, strict=True)):
+            if g is None:
+                continue
+            target = _in_layout_of(g, like)
+            flat = flat_view(target)
+            for _, s in _blocks(flat.numel()):
+                _scale_grad_chunk(flat[s], self._block_weights(bits[i], s, index, weight), tmp)
+            if target is not g:
                 g.copy_(target)
 
-    def restore(self) -> None:
-        for w, b in zip(self._params, self._backups, strict=True):
-            w, b = flat_view(w), flat_view(b)
-            for s in self._spans(w.numel()):
-                w[s].copy_(b[s])
-
-    def update_anchor(self, weight: float) -> None:
-        scratch = self._scratch()
-        for a, w in zip(self._anchors, self._params, strict=True):
+    def update_anchor(self, weight: float, learned: Sequence[torch.Tensor]) -> None:
+        tmp = self._scratch()
+        for a, w in zip(self._anchors, learned, strict=True):
             a, w = flat_view(a), flat_view(w)
-            for s in self._spans(w.numel()):
-                _anchor_chunk(a[s], w[s], weight, scratch[0])
+            for _, s in _blocks(w.numel()):
+                _anchor_chunk(a[s], w[s], weight, tmp)
 
     def mask(self, period: int, index: int) -> torch.Tensor:
-        param = self._params[index]
-        if self._p == 0.0:
-            return torch.ones_like(param, dtype=torch.bool)
-        if self._mask_period == period:
-            flat = self._masks[index]
+        like = self._buffers[index]
+        if self._bits_period == period:
+            bits = self._bits[index]
         else:
-            flat = draw_keep_mask(param.numel(), self._p, stream_seed(self._seed, period, index), self._device)
-        out = torch.empty_like(param, dtype=torch.bool)
-        flat_view(out).copy_(flat)
+            bits = torch.empty_like(self._bits[index])
+            self._draw_blocks(period, [(index, j, span) for j, span in _blocks(like.numel())], {index: bits})
+        out = torch.empty_like(like, dtype=torch.bool)
+        flat_view(out).copy_(unpack_bits(bits, like.numel()))
         return out
 
 
@@ -418,12 +466,16 @@ def _check_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 class MixoutPasses:
     r"""The two fused passes of GMixout and the anchor EMA over a fixed list of target tensors.
 
-    Owns the fp32 anchors and the backup of the learned weights ``w``. Mask ``M_r`` for tensor ``i`` is a pure function
-    of ``(seed, period r, tensor index i, element index)`` for a given backend; ``M = 1`` with probability ``1 - p``
-    ("kept"), ``0`` with probability ``p`` ("held at the anchor").
+    Owns the fp32 anchors and one buffer per target for the mixed weights ``w~``. Mask ``M_r`` for tensor ``i`` is a
+    pure function of ``(seed, period r, tensor index i, element index)`` for a given backend; ``M = 1`` with
+    probability ``1 - p`` ("kept"), ``0`` with probability ``p`` ("held at the anchor").
 
-    Memory: anchors (fp32) + backups (parameter dtype) + on the torch path one period's masks (1 byte per element);
-    nothing else persists.
+    Between :meth:`mix_in` and :meth:`mix_out` / :meth:`restore` each target tensor's ``.data`` is the ``w~`` buffer;
+    its own storage, holding ``w``, is untouched and comes back on mix-out. Code that keeps a separate alias of a
+    target's storage (``t.data``, a view) sees ``w`` throughout; the tensor object itself sees ``w~``.
+
+    Memory: anchors (fp32) + ``w~`` buffers (parameter dtype) + on the torch path one period's mask (1 bit per
+    element); nothing else persists.
 
     Example::
 
@@ -448,15 +500,15 @@ class MixoutPasses:
         self.backend: Literal["triton", "torch"] = resolve_backend(backend, self._params)
         with torch.no_grad():
             self._anchors = [torch.empty_like(t, dtype=torch.float32).copy_(t) for t in self._params]
-        self._backups = [torch.empty_like(t) for t in self._params]
-        self._mixed = False
+        self._buffers = [torch.empty_like(t) for t in self._params]
+        self._learned: list[torch.Tensor] | None = None  # aliases of the targets' own storage (w) while mixed
         self._impl: _Impl
         if self.backend == "triton":
             from lightning_robustft.ops.mixout_triton import TritonPasses
 
-            self._impl = TritonPasses(self._params, self._backups, self._anchors, self._p, self._seed)
+            self._impl = TritonPasses(self._buffers, self._anchors, self._p, self._seed)
         else:
-            self._impl = _TorchPasses(self._params, self._backups, self._anchors, self._p, self._seed)
+            self._impl = _TorchPasses(self._buffers, self._anchors, self._p, self._seed)
 
     @property
     def p(self) -> float:
@@ -471,7 +523,7 @@ class MixoutPasses:
     @property
     def mixed(self) -> bool:
         """True between :meth:`mix_in` and :meth:`mix_out` / :meth:`restore`: the parameters hold ``w~``."""
-        return self._mixed
+        return self._learned is not None
 
     @property
     def anchors(self) -> list[torch.Tensor]:
@@ -496,22 +548,28 @@ class MixoutPasses:
             torch._foreach_copy_(self._anchors, values)
 
     def mix_in(self, period: int) -> None:
-        """Back up ``w`` (the parameters' current values) and write ``w~ = a + M_period*(w - a)/(1-p)`` into them.
+        """Write ``w~ = a + M_period*(w - a)/(1-p)`` into the buffers and point the targets at them (``w`` is kept).
 
         Raises:
-            RuntimeError: Already mixed (a second mix-in would overwrite the backup of ``w`` with ``w~``).
+            RuntimeError: Already mixed, or a target was moved to another device / dtype / layout since the passes
+                were built.
         """
         _check_int("period", period, 0)
-        if self._mixed:
+        if self.mixed:
             raise RuntimeError(
                 "mix_in() called while the parameters already hold w~: call mix_out() or restore() first."
             )
-        with torch.no_grad():
-            self._impl.mix_in(period)
-        self._mixed = True
+        learned = [t.data for t in self._params]
+        self._check_unmoved(learned)
+        if self._p:  # p = 0: w~ = w, the targets keep their storage
+            with torch.no_grad():
+                self._impl.mix(period, learned)
+            for t, buffer in zip(self._params, self._buffers, strict=True):
+                t.data = buffer
+        self._learned = learned
 
     def mix_out(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
-        """Restore ``w`` into the parameters and, in the same pass, ``g <- M_period*g/(1-p)`` in place.
+        """Point the targets back at ``w`` and ``g <- M_period*g/(1-p)`` in place.
 
         Args:
             period: The period given to the matching :meth:`mix_in`.
@@ -522,21 +580,20 @@ class MixoutPasses:
         """
         _check_int("period", period, 0)
         grads = self._check_grads(grads)
-        if not self._mixed:
+        if not self.mixed:
             raise RuntimeError("mix_out() called while the parameters hold w: there was no mix_in() to undo.")
-        with torch.no_grad():
-            self._impl.mix_out(period, grads)
-        self._mixed = False
+        self._swap_back()
+        if self._p:  # p = 0: g <- 1*g/1 = g
+            with torch.no_grad():
+                self._impl.scale_grads(period, grads)
 
     def restore(self) -> None:
-        """Restore ``w`` into the parameters without touching gradients; a no-op when not mixed.
+        """Point the targets back at ``w`` without touching gradients; a no-op when not mixed.
 
         For leaving a step early: validation in the middle of a step, exceptions, checkpoints.
         """
-        if self._mixed:
-            with torch.no_grad():
-                self._impl.restore()
-            self._mixed = False
+        if self.mixed:
+            self._swap_back()
 
     def update_anchor(self, decay: float) -> None:
         """``a <- decay*a + (1-decay)*w``, with the parameters holding ``w`` (outside a mix-in).
@@ -548,14 +605,33 @@ class MixoutPasses:
         """
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise RobustFTConfigError(f"`decay` (the anchor EMA factor) must be a float in [0, 1], got {decay!r}.")
-        if self._mixed:
+        if self.mixed:
             raise RuntimeError(
                 "update_anchor() called while the parameters hold w~: call mix_out() or restore() first."
             )
         if decay == 1.0:
             return
+        learned = [t.data for t in self._params]
+        self._check_unmoved(learned)
         with torch.no_grad():
-            self._impl.update_anchor(1.0 - float(decay))
+            self._impl.update_anchor(1.0 - float(decay), learned)
+
+    def _swap_back(self) -> None:
+        assert self._learned is not None
+        if self._p:
+            for t, w in zip(self._params, self._learned, strict=True):
+                t.data = w
+        self._learned = None
+
+    def _check_unmoved(self, learned: Sequence[torch.Tensor]) -> None:
+        """The buffers and anchors were made like the targets: refuse targets moved since (``model.to(...)``)."""
+        for i, (w, buffer) in enumerate(zip(learned, self._buffers, strict=True)):
+            if (w.shape, w.stride(), w.dtype, w.device) != (buffer.shape, buffer.stride(), buffer.dtype, buffer.device):
+                raise RuntimeError(
+                    f"Target {i} is now {w.dtype} on {w.device} with strides {w.stride()}, but MixoutPasses was built "
+                    f"for {buffer.dtype} on {buffer.device} with strides {buffer.stride()}: build the passes after "
+                    "the model has its final device, dtype and memory format."
+                )
 
     def mask(self, period: int, index: int) -> torch.Tensor:
         """The boolean keep-mask ``M_period`` of target ``index``, shaped like it (diagnostics and tests only)."""

@@ -106,51 +106,44 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _mix_in_part(w_ptr, b_ptr, a_ptr, offs, n, keep, scale, MASKED: tl.constexpr):
+def _mix_in_part(w_ptr, m_ptr, a_ptr, offs, n, keep, scale, MASKED: tl.constexpr):
     inside = offs < n if MASKED else None
     w = tl.load(w_ptr + offs, mask=inside)
     a = tl.load(a_ptr + offs, mask=inside)
-    tl.store(b_ptr + offs, w, mask=inside)
     mixed = tl.where(keep, _lerp(a, w.to(tl.float32), scale), a)
-    tl.store(w_ptr + offs, _round_to(mixed, w_ptr.dtype.element_ty), mask=inside)
+    tl.store(m_ptr + offs, _round_to(mixed, m_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _mix_in_block(
-    w_ptr, b_ptr, a_ptr, key, start, n, p, scale, MASKED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
+    w_ptr, m_ptr, a_ptr, key, start, n, p, scale, MASKED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
 ):
     offs = _offsets(start, ROWS, COLS)
     u0, u1, u2, u3 = _uniforms(key, start, ROWS, COLS)
-    _mix_in_part(w_ptr, b_ptr, a_ptr, offs, n, u0 >= p, scale, MASKED)
-    _mix_in_part(w_ptr, b_ptr, a_ptr, offs + COLS, n, u1 >= p, scale, MASKED)
-    _mix_in_part(w_ptr, b_ptr, a_ptr, offs + 2 * COLS, n, u2 >= p, scale, MASKED)
-    _mix_in_part(w_ptr, b_ptr, a_ptr, offs + 3 * COLS, n, u3 >= p, scale, MASKED)
+    _mix_in_part(w_ptr, m_ptr, a_ptr, offs, n, u0 >= p, scale, MASKED)
+    _mix_in_part(w_ptr, m_ptr, a_ptr, offs + COLS, n, u1 >= p, scale, MASKED)
+    _mix_in_part(w_ptr, m_ptr, a_ptr, offs + 2 * COLS, n, u2 >= p, scale, MASKED)
+    _mix_in_part(w_ptr, m_ptr, a_ptr, offs + 3 * COLS, n, u3 >= p, scale, MASKED)
 
 
 @triton.jit
 def _mix_in_kernel(
-    w_table, b_table, a_table, numels, keys, block_tensor, block_index, p, scale,
+    w_table, m_table, a_table, numels, keys, block_tensor, block_index, p, scale,
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
-    """``b <- w; w <- where(M, lerp(a, w, scale), a)`` for one block of one tensor."""
+    """``m <- where(M, lerp(a, w, scale), a)`` for one block of one tensor (``w`` only read)."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(block_tensor + pid).to(tl.int64)
     start = tl.load(block_index + pid).to(tl.int64) * (ROWS * 4 * COLS)
     n = tl.load(numels + t)
     key = tl.load(keys + t)
     w_ptr = _ptr(w_table, t, DTYPE, ALIGNED)
-    b_ptr = _ptr(b_table, t, DTYPE, ALIGNED)
+    m_ptr = _ptr(m_table, t, DTYPE, ALIGNED)
     a_ptr = _ptr(a_table, t, tl.float32, ALIGNED)
     if start + ROWS * 4 * COLS <= n:
-        _mix_in_block(w_ptr, b_ptr, a_ptr, key, start, n, p, scale, False, ROWS, COLS)
+        _mix_in_block(w_ptr, m_ptr, a_ptr, key, start, n, p, scale, False, ROWS, COLS)
     else:
-        _mix_in_block(w_ptr, b_ptr, a_ptr, key, start, n, p, scale, True, ROWS, COLS)
-
-
-@triton.jit
-def _restore_part(w_ptr, b_ptr, offs, n, MASKED: tl.constexpr):
-    inside = offs < n if MASKED else None
-    tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=inside), mask=inside)
+        _mix_in_block(w_ptr, m_ptr, a_ptr, key, start, n, p, scale, True, ROWS, COLS)
 
 
 @triton.jit
@@ -161,39 +154,32 @@ def _grad_part(g_ptr, offs, n, keep, scale, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _mix_out_block(
-    w_ptr, b_ptr, g_ptr, has_grad, key, start, n, p, scale, MASKED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
-):
+def _grad_block(g_ptr, key, start, n, p, scale, MASKED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     offs = _offsets(start, ROWS, COLS)
-    for j in tl.static_range(4):
-        _restore_part(w_ptr, b_ptr, offs + j * COLS, n, MASKED)
-    if has_grad:
-        u0, u1, u2, u3 = _uniforms(key, start, ROWS, COLS)
-        _grad_part(g_ptr, offs, n, u0 >= p, scale, MASKED)
-        _grad_part(g_ptr, offs + COLS, n, u1 >= p, scale, MASKED)
-        _grad_part(g_ptr, offs + 2 * COLS, n, u2 >= p, scale, MASKED)
-        _grad_part(g_ptr, offs + 3 * COLS, n, u3 >= p, scale, MASKED)
+    u0, u1, u2, u3 = _uniforms(key, start, ROWS, COLS)
+    _grad_part(g_ptr, offs, n, u0 >= p, scale, MASKED)
+    _grad_part(g_ptr, offs + COLS, n, u1 >= p, scale, MASKED)
+    _grad_part(g_ptr, offs + 2 * COLS, n, u2 >= p, scale, MASKED)
+    _grad_part(g_ptr, offs + 3 * COLS, n, u3 >= p, scale, MASKED)
 
 
 @triton.jit
-def _mix_out_kernel(
-    w_table, b_table, g_table, numels, keys, block_tensor, block_index, p, scale,
+def _grad_kernel(
+    g_table, numels, keys, block_tensor, block_index, p, scale,
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
-    """``w <- b`` and, where the tensor has a gradient (address != 0), ``g <- M*g*scale``, for one block."""
+    """``g <- M*g*scale`` for one block, where the tensor has a gradient (address != 0)."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(block_tensor + pid).to(tl.int64)
-    start = tl.load(block_index + pid).to(tl.int64) * (ROWS * 4 * COLS)
-    n = tl.load(numels + t)
-    key = tl.load(keys + t)
-    has_grad = tl.load(g_table + t) != 0
-    w_ptr = _ptr(w_table, t, DTYPE, ALIGNED)
-    b_ptr = _ptr(b_table, t, DTYPE, ALIGNED)
-    g_ptr = _ptr(g_table, t, DTYPE, ALIGNED)
-    if start + ROWS * 4 * COLS <= n:
-        _mix_out_block(w_ptr, b_ptr, g_ptr, has_grad, key, start, n, p, scale, False, ROWS, COLS)
-    else:
-        _mix_out_block(w_ptr, b_ptr, g_ptr, has_grad, key, start, n, p, scale, True, ROWS, COLS)
+    if tl.load(g_table + t) != 0:
+        start = tl.load(block_index + pid).to(tl.int64) * (ROWS * 4 * COLS)
+        n = tl.load(numels + t)
+        key = tl.load(keys + t)
+        g_ptr = _ptr(g_table, t, DTYPE, ALIGNED)
+        if start + ROWS * 4 * COLS <= n:
+            _grad_block(g_ptr, key, start, n, p, scale, False, ROWS, COLS)
+        else:
+            _grad_block(g_ptr, key, start, n, p, scale, True, ROWS, COLS)
 
 
 @triton.jit
@@ -287,24 +273,17 @@ class TritonPasses:
     """The passes as Triton kernels: one launch per pass and parameter dtype.
 
     Args:
-        params: Target tensors (dense, one device; contiguity is not required, memory order is used).
-        backups: Buffers for ``w``, ``torch.empty_like`` of the targets.
+        buffers: Buffers for ``w~``, ``torch.empty_like`` of the targets (dense, one device; contiguity is not
+            required, memory order is used).
         anchors: fp32 anchors, ``torch.empty_like`` of the targets.
         p: Probability of holding an entry at the anchor.
         seed: Mask seed.
     """
 
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        backups: Sequence[torch.Tensor],
-        anchors: Sequence[torch.Tensor],
-        p: float,
-        seed: int,
-    ) -> None:
-        self._params, self._backups, self._anchors = params, backups, anchors
+    def __init__(self, buffers: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], p: float, seed: int) -> None:
+        self._buffers, self._anchors = buffers, anchors
         self._p, self._seed, self._scale = p, seed, mix_scale(p)
-        self._device = params[0].device
+        self._device = anchors[0].device
         if kernels_interpreted() != (self._device.type == "cpu"):
             mode, env = ("interpreted", "1") if kernels_interpreted() else ("compiled", "not 1")
             raise RobustFTConfigError(
@@ -314,55 +293,51 @@ class TritonPasses:
             )
         self._rows = block_rows()
         by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(params):
+        for i, t in enumerate(buffers):
             if t.numel():
                 by_dtype.setdefault(t.dtype, []).append(i)
         self._groups = {
-            dtype: _Group(indices, [params[i].numel() for i in indices], self._device, self._rows)
+            dtype: _Group(indices, [buffers[i].numel() for i in indices], self._device, self._rows)
             for dtype, indices in by_dtype.items()
         }
 
-    def mix_in(self, period: int) -> None:
-        """Backup and mixed weights for every target, one launch per dtype."""
+    def mix(self, period: int, learned: Sequence[torch.Tensor]) -> None:
+        """Mixed weights into the buffers, one launch per dtype."""
         for dtype, group in self._groups.items():
-            w, w_addr = group.table("w", self._params)
-            b, b_addr = group.table("b", self._backups)
+            w, w_addr = group.table("w", learned)
+            m, m_addr = group.table("m", self._buffers)
             a, a_addr = group.table("a", self._anchors)
             _run(
                 _mix_in_kernel, group, self._device,
-                (w, b, a, group.numels, group.keys(self._seed, period), group.block_tensor, group.block_index,
+                (w, m, a, group.numels, group.keys(self._seed, period), group.block_tensor, group.block_index,
                  self._p, self._scale),
-                dtype=dtype, aligned=_aligned(w_addr, b_addr, a_addr), rows=self._rows,
+                dtype=dtype, aligned=_aligned(w_addr, m_addr, a_addr), rows=self._rows,
             )  # fmt: skip
 
-    def mix_out(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
-        """Restore ``w`` and scale the gradients, one launch per dtype."""
+    def scale_grads(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """Scale the gradients by ``M*s``, one launch per dtype that has any."""
         for i, g in enumerate(grads):
-            if g is not None and g.stride() != self._params[i].stride():
+            if g is not None and g.stride() != self._buffers[i].stride():
                 raise RobustFTConfigError(
-                    f"`grads[{i}]` has strides {g.stride()} but its parameter {self._params[i].stride()}: the Triton "
+                    f"`grads[{i}]` has strides {g.stride()} but its parameter {self._buffers[i].stride()}: the Triton "
                     "path needs gradients laid out like their parameters; use backend='torch'."
                 )
         for dtype, group in self._groups.items():
-            w, w_addr = group.table("w", self._params)
-            b, b_addr = group.table("b", self._backups)
             g, g_addr = group.table("g", grads)
+            if not any(g_addr):
+                continue
             _run(
-                _mix_out_kernel, group, self._device,
-                (w, b, g, group.numels, group.keys(self._seed, period), group.block_tensor, group.block_index,
+                _grad_kernel, group, self._device,
+                (g, group.numels, group.keys(self._seed, period), group.block_tensor, group.block_index,
                  self._p, self._scale),
-                dtype=dtype, aligned=_aligned(w_addr, b_addr, tuple(x for x in g_addr if x)), rows=self._rows,
+                dtype=dtype, aligned=_aligned(tuple(x for x in g_addr if x)), rows=self._rows,
             )  # fmt: skip
 
-    def restore(self) -> None:
-        """``w <- backup`` with PyTorch's multi-tensor copy (no mask involved)."""
-        torch._foreach_copy_(self._params, self._backups)
-
-    def update_anchor(self, weight: float) -> None:
+    def update_anchor(self, weight: float, learned: Sequence[torch.Tensor]) -> None:
         """``a <- lerp(a, w, weight)`` for every target, one launch per dtype."""
         for dtype, group in self._groups.items():
             a, a_addr = group.table("a", self._anchors)
-            w, w_addr = group.table("w", self._params)
+            w, w_addr = group.table("w", learned)
             _run(
                 _anchor_kernel, group, self._device,
                 (a, w, group.numels, group.block_tensor, group.block_index, weight),
@@ -371,7 +346,7 @@ class TritonPasses:
 
     def mask(self, period: int, index: int) -> torch.Tensor:
         """Materialised keep-mask of target ``index`` (bool, shaped and laid out like it)."""
-        param = self._params[index]
+        param = self._buffers[index]
         flat = torch.empty(param.numel(), dtype=torch.int8, device=self._device)
         out = torch.empty_like(param, dtype=torch.bool)
         if param.numel():
