@@ -239,14 +239,24 @@ def test_target_moved_after_building_is_refused():
         passes.update_anchor(0.5)
 
 
-def test_persistent_memory_is_buffers_anchors_and_one_bit_per_entry():
+def test_persistent_memory_is_buffers_anchors_one_bit_per_entry_and_one_block_of_scratch(monkeypatch):
+    """Between steps the passes hold w~ buffers, fp32 anchors, the mask bits and a fixed scratch: nothing per step."""
+    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)
     params = [torch.randn(4099), torch.randn(3, 5, 7)]
     passes = MixoutPasses(params, p=0.9, seed=0, backend="torch")
     passes.mix_in(0)
-    passes.mix_out(0, [None, None])
+    passes.mix_out(0, [torch.ones(4099), None])
+    owned = {t.data_ptr(): t for t in params}
+    held = {}
+    for obj in (passes, passes._impl):
+        for value in vars(obj).values():
+            for t in value if isinstance(value, list) else [value]:
+                if isinstance(t, torch.Tensor) and t.data_ptr() not in owned:
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     numel = sum(t.numel() for t in params)
-    held = {id(t): t for t in [*passes._buffers, *passes.anchors, *passes._impl._bits]}
-    assert sum(t.nbytes for t in held.values()) == 2 * 4 * numel + sum(-(-t.numel() // 8) for t in params)
+    bits = sum(-(-t.numel() // 8) for t in params)
+    scratch = 4 * 4096 + 4 * 4096 // 8 + 256 * 8 * 4  # fp32 weights, int32 codes, the (256, 8) weight table
+    assert sum(held.values()) == 2 * 4 * numel + bits + scratch
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

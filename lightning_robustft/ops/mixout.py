@@ -119,7 +119,12 @@ def block_key(seed: int, period: int, index: int, block: int) -> int:
 
 
 def draw_keep_mask(
-    numel: int, p: float, key: int, device: torch.device, out: torch.Tensor | None = None
+    numel: int,
+    p: float,
+    key: int,
+    device: torch.device,
+    out: torch.Tensor | None = None,
+    words: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw a flat boolean keep-mask (True = kept) from a Generator seeded with ``key``.
 
@@ -133,13 +138,15 @@ def draw_keep_mask(
         key: Generator seed, from :func:`block_key`.
         device: Device of the mask (and of the generator).
         out: Optional flat bool tensor of ``numel`` elements to write into.
+        words: Optional int64 scratch of at least ``(numel + 1) // 2`` elements for the random words.
 
     Returns:
         The flat bool mask (``out`` when given).
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(key)
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device)
+    size = (numel + 1) // 2
+    words = torch.empty(size, dtype=torch.int64, device=device) if words is None else words[:size]
     words.random_(-(1 << 63), None, generator=generator)
     if out is None:
         out = torch.empty(numel, dtype=torch.bool, device=device)
@@ -348,18 +355,23 @@ class _TorchPasses:
         self._weights = bit_weights(mix_scale(p), self._device)
         self._bits = [torch.empty(_padded(t.numel()) // 8, dtype=torch.uint8, device=self._device) for t in buffers]
         self._bits_period: int | None = None
-
-    def _scratch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.empty(MASK_BLOCK, dtype=dtype, device=self._device)
+        # Scratch of the per-step passes, kept: allocating megabytes twice per step perturbs glibc's heap (mmap and
+        # trim thresholds), which was measured to slow the rest of the training step by more than the passes cost.
+        self._weight = torch.empty(MASK_BLOCK, dtype=torch.float32, device=self._device)
+        self._codes = torch.empty(MASK_BLOCK // 8, dtype=torch.int32, device=self._device)
+        narrow = any(t.dtype != torch.float32 for t in buffers)
+        self._wide = torch.empty(MASK_BLOCK if narrow else 0, dtype=torch.float32, device=self._device)
 
     def _draw_blocks(
         self, period: int, jobs: Sequence[tuple[int, int, slice]], bits: Mapping[int, torch.Tensor] | list[torch.Tensor]
     ) -> None:
         """Draw the blocks ``(tensor, block, slice)`` of ``period`` into the packed ``bits`` of each tensor."""
-        keep = self._scratch(torch.bool)
+        keep = torch.empty(MASK_BLOCK, dtype=torch.bool, device=self._device)
+        words = torch.empty(MASK_BLOCK // 2, dtype=torch.int64, device=self._device)
         for index, block, span in jobs:
             n = _padded(span.stop - span.start)
-            draw_keep_mask(n, self._p, block_key(self._seed, period, index, block), self._device, out=keep[:n])
+            key = block_key(self._seed, period, index, block)
+            draw_keep_mask(n, self._p, key, self._device, out=keep[:n], words=words)
             pack_bits(keep[:n], bits[index][span.start // 8 : span.start // 8 + n // 8])
 
     def _period_bits(self, period: int) -> list[torch.Tensor]:
@@ -379,7 +391,7 @@ class _TorchPasses:
 
     def mix(self, period: int, learned: Sequence[torch.Tensor]) -> None:
         bits = self._period_bits(period)
-        weight, tmp, index = self._scratch(), self._scratch(), self._scratch(torch.int32)
+        weight, tmp, index = self._weight, self._wide, self._codes
         for i, (w, out, a) in enumerate(zip(learned, self._buffers, self._anchors, strict=True)):
             w, out, a = flat_view(w), flat_view(out), flat_view(a)
             for _, s in _blocks(w.numel()):
@@ -387,7 +399,7 @@ class _TorchPasses:
 
     def scale_grads(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
         bits = self._period_bits(period)
-        weight, tmp, index = self._scratch(), self._scratch(), self._scratch(torch.int32)
+        weight, tmp, index = self._weight, self._wide, self._codes
         for i, (g, like) in enumerate(zip(grads, self._buffers, strict=True)):
             if g is None:
                 continue
@@ -399,7 +411,7 @@ class _TorchPasses:
                 g.copy_(target)
 
     def update_anchor(self, weight: float, learned: Sequence[torch.Tensor]) -> None:
-        tmp = self._scratch()
+        tmp = self._wide
         for a, w in zip(self._anchors, learned, strict=True):
             a, w = flat_view(a), flat_view(w)
             for _, s in _blocks(w.numel()):
