@@ -487,7 +487,7 @@ class MixoutPasses:
     target's storage (``t.data``, a view) sees ``w`` throughout; the tensor object itself sees ``w~``.
 
     Memory: anchors (fp32) + ``w~`` buffers (parameter dtype) + on the torch path one period's mask (1 bit per
-    element); nothing else persists.
+    element) and one block of scratch (about 2.3 MB, twice that with 16-bit targets); nothing else persists.
 
     Example::
 
