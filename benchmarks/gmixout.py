@@ -55,7 +55,7 @@ class Classifier(LightningModule):
 
     def __init__(self, model: str, optimizer: str = "adamw") -> None:
         super().__init__()
-        self.optimizer = optimizer
+        self.optimizer_name = optimizer
         if model == "vit_s16":
             import timm
 
@@ -75,7 +75,7 @@ class Classifier(LightningModule):
         return F.cross_entropy(self.head(self.backbone(x)), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-5, fused=self.optimizer == "adamw-fused")
+        return torch.optim.AdamW(self.parameters(), lr=1e-5, fused=self.optimizer_name == "adamw-fused")
 
 
 IMAGE_SIZE = {"vit_s16": 112, "clip_b32": 224}

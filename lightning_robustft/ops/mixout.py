@@ -54,9 +54,9 @@ _MASK64 = (1 << 64) - 1
 
 MASK_BLOCK = 1 << 19
 """Elements per block of the torch path: the unit of its mask draws (each block has its own generator, seeded by
-:func:`block_key`) and of its arithmetic (a block's operands, about
-4 x 2 MiB in fp32, stay in the L3 cache between the eager ops of a pass, which then costs about one trip to memory).
-A multiple of 8 (the bits are packed by 8) and part of the torch path's mask definition."""
+:func:`block_key`) and of its arithmetic (a block's operands, about 4 x 2 MiB in fp32, stay in the L3 cache between
+the eager ops of a pass, which then costs about one trip to memory). A multiple of 8 (the bits are packed by 8) and
+part of the torch path's mask definition."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -382,40 +382,37 @@ class _TorchPasses:
             self._bits_period = period
         return self._bits
 
-    def _block_weights(self, bits: torch.Tensor, span: slice, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The fp32 weights ``M*s`` of the elements in ``span``, gathered from the table by their mask bytes."""
+    def _block_weights(self, bits: torch.Tensor, span: slice) -> torch.Tensor:
+        """The fp32 weights ``M*s`` of the elements in ``span`` (in the scratch), gathered by their mask bytes."""
         n = _padded(span.stop - span.start)
-        codes = index[: n // 8].copy_(bits[span.start // 8 : span.start // 8 + n // 8])
-        torch.index_select(self._weights, 0, codes, out=out[:n].view(-1, 8))
-        return out[: span.stop - span.start]
+        codes = self._codes[: n // 8].copy_(bits[span.start // 8 : span.start // 8 + n // 8])
+        torch.index_select(self._weights, 0, codes, out=self._weight[:n].view(-1, 8))
+        return self._weight[: span.stop - span.start]
 
     def mix(self, period: int, learned: Sequence[torch.Tensor]) -> None:
         bits = self._period_bits(period)
-        weight, tmp, index = self._weight, self._wide, self._codes
         for i, (w, out, a) in enumerate(zip(learned, self._buffers, self._anchors, strict=True)):
             w, out, a = flat_view(w), flat_view(out), flat_view(a)
             for _, s in _blocks(w.numel()):
-                _mix_chunk(out[s], w[s], a[s], self._block_weights(bits[i], s, index, weight), tmp)
+                _mix_chunk(out[s], w[s], a[s], self._block_weights(bits[i], s), self._wide)
 
     def scale_grads(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
         bits = self._period_bits(period)
-        weight, tmp, index = self._weight, self._wide, self._codes
         for i, (g, like) in enumerate(zip(grads, self._buffers, strict=True)):
             if g is None:
                 continue
             target = _in_layout_of(g, like)
             flat = flat_view(target)
             for _, s in _blocks(flat.numel()):
-                _scale_grad_chunk(flat[s], self._block_weights(bits[i], s, index, weight), tmp)
+                _scale_grad_chunk(flat[s], self._block_weights(bits[i], s), self._wide)
             if target is not g:
                 g.copy_(target)
 
     def update_anchor(self, weight: float, learned: Sequence[torch.Tensor]) -> None:
-        tmp = self._wide
         for a, w in zip(self._anchors, learned, strict=True):
             a, w = flat_view(a), flat_view(w)
             for _, s in _blocks(w.numel()):
-                _anchor_chunk(a[s], w[s], weight, tmp)
+                _anchor_chunk(a[s], w[s], weight, self._wide)
 
     def mask(self, period: int, index: int) -> torch.Tensor:
         like = self._buffers[index]
@@ -571,8 +568,7 @@ class MixoutPasses:
             raise RuntimeError(
                 "mix_in() called while the parameters already hold w~: call mix_out() or restore() first."
             )
-        learned = [t.data for t in self._params]
-        self._check_unmoved(learned)
+        learned = self._own_storage()
         if self._p:  # p = 0: w~ = w, the targets keep their storage
             with torch.no_grad():
                 self._impl.mix(period, learned)
@@ -623,8 +619,7 @@ class MixoutPasses:
             )
         if decay == 1.0:
             return
-        learned = [t.data for t in self._params]
-        self._check_unmoved(learned)
+        learned = self._own_storage()
         with torch.no_grad():
             self._impl.update_anchor(1.0 - float(decay), learned)
 
@@ -635,8 +630,13 @@ class MixoutPasses:
                 t.data = w
         self._learned = None
 
-    def _check_unmoved(self, learned: Sequence[torch.Tensor]) -> None:
-        """The buffers and anchors were made like the targets: refuse targets moved since (``model.to(...)``)."""
+    def _own_storage(self) -> list[torch.Tensor]:
+        """Aliases of the targets' current storage (``w``), after refusing targets moved since the passes were built.
+
+        The buffers and anchors were made like the targets, so a target moved since (``model.to(...)``) cannot be
+        mixed with them.
+        """
+        learned = [t.data for t in self._params]
         for i, (w, buffer) in enumerate(zip(learned, self._buffers, strict=True)):
             if (w.shape, w.stride(), w.dtype, w.device) != (buffer.shape, buffer.stride(), buffer.dtype, buffer.device):
                 raise RuntimeError(
@@ -644,6 +644,7 @@ class MixoutPasses:
                     f"for {buffer.dtype} on {buffer.device} with strides {buffer.stride()}: build the passes after "
                     "the model has its final device, dtype and memory format."
                 )
+        return learned
 
     def mask(self, period: int, index: int) -> torch.Tensor:
         """The boolean keep-mask ``M_period`` of target ``index``, shaped like it (diagnostics and tests only)."""
