@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.ops import mixout
+from lightning_robustft.ops import mixout, mixout_inductor
 from lightning_robustft.ops.mixout import (
     MixoutPasses,
     anchor_reference,
@@ -31,6 +31,19 @@ from lightning_robustft.ops.mixout import (
 # Odd sizes, a conv-shaped tensor, and a larger one.
 SHAPES = [(1,), (7,), (1000,), (4099,), (3, 5, 7), (70001,)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["fused", "eager"])
+def cpu_mode(request, monkeypatch):
+    """Both evaluations of the torch path on CPU: Inductor's fused loops (with eager tails), and eager ops alone."""
+    if request.param == "eager":
+        monkeypatch.setattr(mixout_inductor, "compiled_rows_supported", lambda: False)
+    return request.param
+
+
+def assert_mode(passes, mode):
+    """The passes ran in ``mode``: a fused run that silently fell back to eager would test nothing new."""
+    assert passes._impl._fused.enabled == (mode == "fused")
 
 
 def make_targets(shapes, dtype, seed=0, device="cpu"):
@@ -78,7 +91,7 @@ def check_pass_semantics(passes, params, anchors, w, period, p, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.3, 0.9])
-def test_passes_match_references(dtype, p, monkeypatch):
+def test_passes_match_references(dtype, p, cpu_mode, monkeypatch):
     monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)  # block boundaries inside the 4099- and 70001-element tensors
     params, gen = make_targets(SHAPES, dtype)
     passes = MixoutPasses(params, p=p, seed=11, backend="torch")
@@ -86,6 +99,7 @@ def test_passes_match_references(dtype, p, monkeypatch):
     assert all(a.dtype == torch.float32 for a in anchors)
     w = move(params, gen)
     masks = check_pass_semantics(passes, params, anchors, w, period=4, p=p, gen=gen)
+    assert_mode(passes, cpu_mode)
     kept = sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
     assert abs(kept - (1 - p)) < 0.02
 
@@ -239,13 +253,17 @@ def test_target_moved_after_building_is_refused():
         passes.update_anchor(0.5)
 
 
-def test_persistent_memory_is_buffers_anchors_one_bit_per_entry_and_one_block_of_scratch(monkeypatch):
-    """Between steps the passes hold w~ buffers, fp32 anchors, the mask bits and a fixed scratch: nothing per step."""
+def test_persistent_memory_is_buffers_anchors_one_bit_per_entry_and_a_fixed_scratch(cpu_mode, monkeypatch):
+    """Between steps the passes hold w~ buffers, fp32 anchors, the mask bits and a fixed scratch: nothing per step.
+
+    The scratch is the eager ops': a tail's worth (32 entries) when the fused loops do the rows, else one block.
+    """
     monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)
     params = [torch.randn(4099), torch.randn(3, 5, 7)]
     passes = MixoutPasses(params, p=0.9, seed=0, backend="torch")
     passes.mix_in(0)
     passes.mix_out(0, [torch.ones(4099), None])
+    assert_mode(passes, cpu_mode)
     owned = {t.data_ptr(): t for t in params}
     held = {}
     for obj in (passes, passes._impl):
@@ -254,9 +272,57 @@ def test_persistent_memory_is_buffers_anchors_one_bit_per_entry_and_one_block_of
                 if isinstance(t, torch.Tensor) and t.data_ptr() not in owned:
                     held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     numel = sum(t.numel() for t in params)
-    bits = sum(-(-t.numel() // 8) for t in params)
-    scratch = 4 * 4096 + 4 * 4096 // 8 + 256 * 8 * 4  # fp32 weights, int32 codes, the (256, 8) weight table
+    bits = sum(4 * -(-t.numel() // 32) for t in params)  # whole int32 words
+    block = 32 if cpu_mode == "fused" else 4096
+    scratch = 4 * block + 4 * block // 8 + 256 * 8 * 4 + 2 * 4  # weights, codes, the (256, 8) table, s and 1 - s
     assert sum(held.values()) == 2 * 4 * numel + bits + scratch
+
+
+def test_fused_and_eager_agree_to_fp32_rounding(monkeypatch):
+    """Same mask, same law: gradients bitwise (the same product), mixed weights within the eager lerp's fused
+    multiply-add (one fp32 rounding of the largest term)."""
+    params, gen = make_targets([(4099,), (3, 5, 7), (70001,)], torch.float32)
+    w = move(params, gen)
+    anchors = [t.clone() - 0.5 for t in w]
+    grads = [torch.randn(t.shape, generator=gen) for t in params]
+    mixed, scaled = {}, {}
+    for mode in ("fused", "eager"):
+        if mode == "eager":
+            monkeypatch.setattr(mixout_inductor, "compiled_rows_supported", lambda: False)
+        passes = MixoutPasses(params, p=0.8, seed=2, backend="torch")
+        passes.anchors = anchors
+        passes.mix_in(7)
+        mixed[mode] = [t.clone() for t in params]
+        scaled[mode] = [g.clone() for g in grads]
+        passes.mix_out(7, scaled[mode])
+        assert_mode(passes, mode)
+    for f, e, a, w_i in zip(mixed["fused"], mixed["eager"], anchors, w, strict=True):
+        terms = 5.0 * (w_i - a).abs() + w_i.abs()
+        assert ((f - e).abs() <= torch.finfo(torch.float32).eps * terms).all()
+    for f, e in zip(scaled["fused"], scaled["eager"], strict=True):
+        assert torch.equal(f, e)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    """No C++ compiler (say): one warning, then the eager ops do everything, with the same results."""
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(mixout_inductor, "_compiled", lambda: (broken, broken))
+    params, gen = make_targets(SHAPES, torch.float32)
+    passes = MixoutPasses(params, p=0.5, seed=4, backend="torch")
+    w = move(params, gen)
+    with pytest.warns(RuntimeWarning, match="could not compile the CPU passes.*no C\\+\\+ compiler"):
+        passes.mix_in(1)
+    assert_mode(passes, "eager")
+    monkeypatch.setattr(mixout_inductor, "compiled_rows_supported", lambda: False)
+    eager = MixoutPasses([t.clone() for t in w], p=0.5, seed=4, backend="torch")
+    eager.anchors = passes.anchors
+    eager.mix_in(1)
+    assert all(torch.equal(t, e) for t, e in zip(params, eager._params, strict=True))
+    passes.restore()
+    assert all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
