@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import Literal, Protocol
 
@@ -336,7 +336,8 @@ def _blocks(numel: int, start: int = 0) -> Iterator[tuple[int, slice]]:
 
     ``start`` (a multiple of 8) skips the elements before it: the first slice then begins inside its block.
     """
-    for j in range(start // MASK_BLOCK, -(-numel // MASK_BLOCK)):
+    first = start // MASK_BLOCK if start < numel else -(-numel // MASK_BLOCK)
+    for j in range(first, -(-numel // MASK_BLOCK)):
         yield j, slice(max(j * MASK_BLOCK, start), min((j + 1) * MASK_BLOCK, numel))
 
 
@@ -412,33 +413,34 @@ class _TorchPasses:
         torch.index_select(self._weights, 0, codes, out=self._weight[:n].view(-1, 8))
         return self._weight[: span.stop - span.start]
 
-    def _fused_entries(self, index: int, run: Callable[[tuple[torch.Tensor, ...]], bool]) -> int:
-        """Entries of target ``index`` done by the fused loop (its whole rows), 0 where it did not run."""
-        views = self._row_views[index]
-        return ROW * self._rows[index] if views is not None and run(views) else 0
+    def _fused_entries(self, done: list[bool]) -> list[int]:
+        """Entries of each target done by the fused loops (its whole rows), 0 where they did not run."""
+        flags = iter(done)
+        return [ROW * n if n and next(flags) else 0 for n in self._rows]
 
     def mix(self, period: int, learned: Sequence[torch.Tensor]) -> None:
         bits = self._period_bits(period)
-        c = self._one_minus_scale
+        views = zip(learned, self._row_views, self._rows, strict=True)
+        jobs = [(v[0], rows_of(w, n), v[1], v[2]) for w, v, n in views if v]
+        starts = self._fused_entries(self._fused.mix(jobs, self._one_minus_scale))
         for i, (w, out, a) in enumerate(zip(learned, self._buffers, self._anchors, strict=True)):
-            done = self._fused_entries(
-                i, lambda v, w=w, i=i: self._fused.mix(v[0], rows_of(w, self._rows[i]), v[1], v[2], c)
-            )
             w, out, a = flat_view(w), flat_view(out), flat_view(a)
-            for _, s in _blocks(w.numel(), done):
+            for _, s in _blocks(w.numel(), starts[i]):
                 _mix_chunk(out[s], w[s], a[s], self._block_weights(bits[i], s), self._wide)
 
     def scale_grads(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
         bits = self._period_bits(period)
-        for i, (g, like) in enumerate(zip(grads, self._buffers, strict=True)):
-            if g is None:
+        targets = [None if g is None else _in_layout_of(g, like) for g, like in zip(grads, self._buffers, strict=True)]
+        fused = [v is not None and t is not None for v, t in zip(self._row_views, targets, strict=True)]
+        views = zip(targets, self._row_views, self._rows, fused, strict=True)
+        jobs = [(rows_of(t, n), v[2]) for t, v, n, f in views if f]
+        done = iter(self._fused.scale_grads(jobs, self._scale))
+        for i, (g, target) in enumerate(zip(grads, targets, strict=True)):
+            if g is None or target is None:
                 continue
-            target = _in_layout_of(g, like)
-            done = self._fused_entries(
-                i, lambda v, t=target, i=i: self._fused.scale_grad(rows_of(t, self._rows[i]), v[2], self._scale)
-            )
             flat = flat_view(target)
-            for _, s in _blocks(flat.numel(), done):
+            start = ROW * self._rows[i] if fused[i] and next(done) else 0
+            for _, s in _blocks(flat.numel(), start):
                 _scale_grad_chunk(flat[s], self._block_weights(bits[i], s), self._wide)
             if target is not g:
                 g.copy_(target)

@@ -71,45 +71,100 @@ def rows_of(t: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> tor
     return alias
 
 
+GROUP = 16
+"""Tensors per compiled call. Every call passes exactly this many (short groups are padded with tiny dummies), so one
+compiled graph per dtype serves every model, and a pass over a ViT costs a few calls rather than one per tensor
+(each call through Dynamo's guards and wrappers costs about 80 us)."""
+
+
+def mix_group(outs: list[torch.Tensor], ws: list[torch.Tensor], anchors: list[torch.Tensor],
+              words: list[torch.Tensor], c: torch.Tensor) -> None:  # fmt: skip
+    """:func:`mix_rows` over :data:`GROUP` tensors."""
+    for out, w, a, m in zip(outs, ws, anchors, words, strict=True):
+        mix_rows(out, w, a, m, c)
+
+
+def scale_grad_group(gs: list[torch.Tensor], words: list[torch.Tensor], s: torch.Tensor) -> None:
+    """:func:`scale_grad_rows` over :data:`GROUP` tensors."""
+    for g, m in zip(gs, words, strict=True):
+        scale_grad_rows(g, m, s)
+
+
 @cache
 def _compiled() -> tuple[Callable[..., None], Callable[..., None]]:
-    return torch.compile(mix_rows, fullgraph=True), torch.compile(scale_grad_rows, fullgraph=True)
+    # Inductor sizes each loop's threading by the sizes seen when compiling; the slots of a group hold tensors of any
+    # size later, so every loop gets its parallel loop (``min_chunk_size`` 0) instead of running serially.
+    options = {"cpp.min_chunk_size": 0}
+    return (
+        torch.compile(mix_group, fullgraph=True, options=options),
+        torch.compile(scale_grad_group, fullgraph=True, options=options),
+    )
 
 
 class FusedRows:
-    """Runs :func:`mix_rows` / :func:`scale_grad_rows` compiled, or says it cannot (the caller then runs eager ops).
+    """Runs :func:`mix_rows` / :func:`scale_grad_rows` compiled over many tensors, or says where it could not.
 
-    Compilation happens on the first call. If it fails (typically: no working C++ compiler), one warning says so
-    and every later call returns ``False`` at once; nothing was written, since the compiled loop never ran.
+    Compilation happens on the first call per dtype. If it fails (typically: no working C++ compiler), one warning
+    says so and every later call does nothing and reports it; nothing was written by a failed call, since the
+    compiled loops never ran. The caller then runs the eager ops on the tensors reported not done.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.enabled = device.type == "cpu" and compiled_rows_supported()
+        self._device = device
+        self._padding: dict[torch.dtype, list[tuple[torch.Tensor, ...]]] = {}
 
-    def mix(self, out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, words: torch.Tensor, c: torch.Tensor) -> bool:
-        """Compiled :func:`mix_rows`; ``False`` when it cannot run here."""
-        return self._run(0, out, w, a, words, c)
+    def mix(
+        self, jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], c: torch.Tensor
+    ) -> list[bool]:
+        """Compiled :func:`mix_rows` over ``(out, w, a, words)`` rows; whether each job was done."""
+        return self._run(0, jobs, c, lambda pad: pad)
 
-    def scale_grad(self, g: torch.Tensor, words: torch.Tensor, s: torch.Tensor) -> bool:
-        """Compiled :func:`scale_grad_rows`; ``False`` when it cannot run here."""
-        return self._run(1, g, words, s)
+    def scale_grads(self, jobs: list[tuple[torch.Tensor, ...]], s: torch.Tensor) -> list[bool]:
+        """Compiled :func:`scale_grad_rows` over ``(g, words)`` rows; whether each job was done."""
+        return self._run(1, jobs, s, lambda pad: (pad[0], pad[3]))
 
-    def _run(self, which: int, *args: torch.Tensor) -> bool:
-        if not self.enabled:
-            return False
-        try:
-            _compiled()[which](*args)
-        except Exception as error:  # any compile failure means: use the eager ops
-            self.enabled = False
-            warnings.warn(
-                f"GMixout: TorchInductor could not compile the CPU passes ({type(error).__name__}: {error}); "
-                "running them as eager PyTorch ops instead (same semantics, about 1.5x slower). A working C++ "
-                "compiler (g++ or clang) on the PATH enables the fused passes.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return False
-        return True
+    def _pad(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+        """Distinct 2-row dummies (out, w, a, words) per slot: Dynamo would guard on a tensor passed twice."""
+        if dtype not in self._padding:
+            self._padding[dtype] = [
+                (
+                    rows_of(torch.zeros(2 * ROW, dtype=dtype, device=self._device), 2),
+                    rows_of(torch.zeros(2 * ROW, dtype=dtype, device=self._device), 2),
+                    rows_of(torch.zeros(2 * ROW, device=self._device), 2),
+                    rows_of(torch.zeros(2, dtype=torch.int32, device=self._device), 2, torch.int32),
+                )
+                for _ in range(GROUP)
+            ]
+        return self._padding[dtype]
+
+    def _run(self, which: int, jobs: list[tuple[torch.Tensor, ...]], scalar: torch.Tensor,
+             from_pad: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]) -> list[bool]:  # fmt: skip
+        done = [False] * len(jobs)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for k, job in enumerate(jobs):
+            by_dtype.setdefault(job[0].dtype, []).append(k)
+        for dtype, ks in by_dtype.items():
+            for lo in range(0, len(ks), GROUP):
+                if not self.enabled:
+                    return done
+                group = [jobs[k] for k in ks[lo : lo + GROUP]]
+                group += [from_pad(pad) for pad in self._pad(dtype)[len(group) :]]
+                try:
+                    _compiled()[which](*map(list, zip(*group, strict=True)), scalar)
+                except Exception as error:  # any compile failure means: use the eager ops
+                    self.enabled = False
+                    warnings.warn(
+                        f"GMixout: TorchInductor could not compile the CPU passes ({type(error).__name__}: {error}); "
+                        "running them as eager PyTorch ops instead (same semantics, slower). A working C++ "
+                        "compiler (g++ or clang) on the PATH enables the fused passes.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    return done
+                for k in ks[lo : lo + GROUP]:
+                    done[k] = True
+        return done
 
 
 def compiled_rows_supported() -> bool:
