@@ -10,7 +10,8 @@ Each pass is charged the bytes an ideal fused pass must move (per element, ``e``
 
 ``restore`` (leaving a step early) is the same pointer swap back and moves no bytes, so it has no row.
 
-The reference is ``dst.copy_(src)`` over a buffer of half those bytes (a copy reads and writes its size), so
+The reference is ``dst.copy_(src)`` over a buffer of half those bytes (a copy reads and writes its size), timed after
+the same setup as the pass so that both start from the same cache state, so
 ``ratio = pass time / copy time`` is 1.0 for a pass that runs at copy speed; the GMixout targets are ratio <= 1.5 on
 CPU and >= 80% of copy bandwidth (ratio <= 1.25) for the Triton kernels on a GPU. The torch path's extra traffic (its
 cached mask, 1 bit per element, and on a new period the mask draw) is not charged: it shows up as a higher ratio.
@@ -55,10 +56,15 @@ def _median_ms(fn: Callable[[], None], setup: Callable[[], None], repeats: int, 
     return 1e3 * statistics.median(times[1:])
 
 
-def _copy_ms(num_bytes: int, repeats: int, device: torch.device) -> float:
+def _copy_ms(num_bytes: int, setup: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Median time of a copy moving ``num_bytes``, each run after the pass's own ``setup``.
+
+    Running the setup first leaves the caches as the pass finds them (mix_out's setup streams hundreds of MB), so
+    the copy is not timed on buffers still hot from its previous run while the pass is timed on evicted ones.
+    """
     src = torch.ones(max(1, num_bytes // 8), dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    return _median_ms(lambda: dst.copy_(src), lambda: None, repeats, device)
+    return _median_ms(lambda: dst.copy_(src), setup, repeats, device)
 
 
 def pass_bandwidth_rows(
@@ -109,7 +115,7 @@ def pass_bandwidth_rows(
         passes.restore()  # each case starts with the parameters holding w
         num_bytes = bytes_per_element * numel
         ms = _median_ms(fn, setup, repeats, device)
-        copy_ms = _copy_ms(num_bytes, repeats, device)
+        copy_ms = _copy_ms(num_bytes, lambda setup=setup: (setup(), passes.restore()), repeats, device)
         rows.append(
             {
                 "device": device.type,

@@ -325,6 +325,16 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
 
 
+def test_dynamo_disabled_means_eager_passes(monkeypatch):
+    """``TORCHDYNAMO_DISABLE=1`` (``torch._dynamo.config.disable``) is the documented way to skip the compiler."""
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    params, gen = make_targets([(4099,)], torch.float32)
+    passes = MixoutPasses(params, p=0.5, seed=4, backend="torch")
+    move(params, gen)
+    passes.mix_in(0)
+    assert_mode(passes, "eager")
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_rate(p):
     n = 200_000

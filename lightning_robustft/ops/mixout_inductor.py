@@ -25,7 +25,8 @@ import torch
 ROW = 32
 """Entries per row: one int32 word of mask bits."""
 
-_SHIFTS = torch.arange(ROW, dtype=torch.int32)
+_BITS = torch.tensor([1 << k for k in range(ROW - 1)] + [-(1 << (ROW - 1))], dtype=torch.int32)
+"""``_BITS[k]`` is the int32 with only bit ``k`` set: ``word & _BITS != 0`` tests a row's bits in two vector ops."""
 
 
 def mix_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, words: torch.Tensor, c: torch.Tensor) -> None:
@@ -40,7 +41,7 @@ def mix_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, words: torch.T
         words: ``(rows,)`` int32 mask words.
         c: 0-d fp32 tensor ``1 - s`` (a tensor, so that every ``p`` shares the compiled loop).
     """
-    keep = ((words.unsqueeze(1) >> _SHIFTS) & 1) != 0
+    keep = (words.unsqueeze(1) & _BITS) != 0
     w32 = w.float()
     out.copy_(torch.where(keep, w32 - (w32 - a) * c, a))
 
@@ -53,7 +54,7 @@ def scale_grad_rows(g: torch.Tensor, words: torch.Tensor, s: torch.Tensor) -> No
         words: ``(rows,)`` int32 mask words.
         s: 0-d fp32 tensor ``1/(1-p)``.
     """
-    keep = ((words.unsqueeze(1) >> _SHIFTS) & 1) != 0
+    keep = (words.unsqueeze(1) & _BITS) != 0
     g.copy_(g.float() * torch.where(keep, s, 0.0))
 
 
