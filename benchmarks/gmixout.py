@@ -1,6 +1,6 @@
 """GMixout benchmark: fused-pass bandwidth, training-step overhead and memory; prints Markdown tables.
 
-    python benchmarks/gmixout.py            # full run (about 15 minutes on 2 CPU cores)
+    python benchmarks/gmixout.py            # full run (about 11 minutes on 2 CPU cores)
     python benchmarks/gmixout.py --quick    # one round (a smoke run)
 
 (a) Each fused pass's effective bandwidth against a plain copy of the same bytes (``benchmarks/gmixout_passes.py``).
