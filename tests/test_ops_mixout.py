@@ -335,6 +335,15 @@ def test_dynamo_disabled_means_eager_passes():
     assert_mode(passes, "eager")
 
 
+@pytest.mark.parametrize(("numel", "start"), [(20, 0), (20, 16), (20, 8), (20, 20), (16, 16), (16, 8), (0, 0)])
+def test_blocks_after_start_tile_the_rest_of_the_tensor(numel, start, monkeypatch):
+    """The eager tails after the fused rows: every entry from ``start`` on, once, each in its own mask block."""
+    monkeypatch.setattr(mixout, "MASK_BLOCK", 8)
+    spans = list(mixout._blocks(numel, start))
+    assert [i for _, s in spans for i in range(s.start, s.stop)] == list(range(start, numel))
+    assert all(j * 8 <= s.start < s.stop <= (j + 1) * 8 for j, s in spans)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_rate(p):
     n = 200_000

@@ -337,8 +337,9 @@ def _blocks(numel: int, start: int = 0) -> Iterator[tuple[int, slice]]:
 
     ``start`` (a multiple of 8) skips the elements before it: the first slice then begins inside its block.
     """
-    first = start // MASK_BLOCK if start < numel else -(-numel // MASK_BLOCK)
-    for j in range(first, -(-numel // MASK_BLOCK)):
+    if start >= numel:
+        return
+    for j in range(start // MASK_BLOCK, -(-numel // MASK_BLOCK)):
         yield j, slice(max(j * MASK_BLOCK, start), min((j + 1) * MASK_BLOCK, numel))
 
 
