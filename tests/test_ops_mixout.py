@@ -171,7 +171,8 @@ def test_masks_deterministic_distinct_and_cached(monkeypatch):
 
     draws = []
     # One draw per block.
-    monkeypatch.setattr(mixout, "draw_keep_mask", lambda *a, **k: draws.append(a) or draw_keep_mask(*a, **k))
+    block_draw = mixout._BlockDraws.draw
+    monkeypatch.setattr(mixout._BlockDraws, "draw", lambda self, jobs: draws.extend(jobs) or block_draw(self, jobs))
     params, gen = make_targets(shapes, torch.float32)
     passes = MixoutPasses(params, p=0.5, seed=5, backend="torch")
     move(params, gen)
@@ -209,6 +210,41 @@ def test_mask_is_the_documented_block_draw(monkeypatch):
             n = min(4096, flat.numel() - lo)
             ref = draw_keep_mask(-(-n // 8) * 8, 0.7, block_key(21, 5, i, j), torch.device("cpu"))[:n]
             assert torch.equal(flat[lo : lo + n], ref), (shape, j)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 229.5 / 256, 1 - 2**-30])
+def test_block_draws_are_the_mask_rule(p, cpu_mode, monkeypatch):
+    """The passes' packed block draws (compiled SWAR or eager byte ops) give exactly draw_keep_mask's bits.
+
+    Odd block sizes, more blocks than one classification chunk holds, and thresholds at both ends of the byte range.
+    """
+    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)
+    monkeypatch.setattr(mixout, "DRAW_CHUNK", 3)
+    sizes = [4096, 8, 4000, 4096, 1000, 4096, 2048]
+    outs = [torch.full((n // 8,), 0xA5, dtype=torch.uint8) for n in sizes]  # stale bytes must be overwritten
+    fused = mixout_inductor.FusedRows(torch.device("cpu"))
+    mixout._BlockDraws(p, torch.device("cpu"), fused).draw([(1000 + k, out) for k, out in enumerate(outs)])
+    assert fused.enabled == (cpu_mode == "fused")
+    for k, (n, out) in enumerate(zip(sizes, outs, strict=True)):
+        assert torch.equal(unpack_bits(out, n), draw_keep_mask(n, p, 1000 + k, torch.device("cpu"))), (k, n)
+
+
+@pytest.mark.parametrize("high", [0, 1, 127, 128, 229, 254, 255])
+def test_classify_bytes_compares_every_byte(high):
+    """The SWAR loop, eager and compiled, on every byte value at every position of a word, and on random words."""
+    every = [torch.arange(256, dtype=torch.uint8).roll(shift).view(torch.int64) for shift in range(8)]
+    noise = torch.empty(999, dtype=torch.int64).random_(-(2**63), None, generator=torch.Generator().manual_seed(high))
+    words = torch.cat([*every, noise])
+    coarse = words.view(torch.uint8)
+    above = torch.tensor(mixout_inductor.byte_pattern(255 - high))
+    equal = torch.tensor(mixout_inductor.byte_pattern(high))
+    expected = [pack_bits(coarse > high, torch.empty_like(words, dtype=torch.uint8)),
+                pack_bits(coarse == high, torch.empty_like(words, dtype=torch.uint8))]  # fmt: skip
+    compiled = torch.compile(mixout_inductor.classify_bytes, fullgraph=True)
+    for classify in (mixout_inductor.classify_bytes, compiled):
+        bits, tied = torch.empty_like(words, dtype=torch.uint8), torch.empty_like(words, dtype=torch.uint8)
+        classify(words, bits, tied, above, equal)
+        assert torch.equal(bits, expected[0]) and torch.equal(tied, expected[1])
 
 
 def test_pack_and_unpack_bits():
@@ -309,7 +345,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(mixout_inductor, "_compiled", lambda: (broken, broken))
+    monkeypatch.setattr(mixout_inductor, "_compiled", lambda: (broken,) * 3)
     params, gen = make_targets(SHAPES, torch.float32)
     passes = MixoutPasses(params, p=0.5, seed=4, backend="torch")
     w = move(params, gen)
@@ -353,9 +389,30 @@ def test_keep_rate(p):
 
 
 def test_keep_threshold_edges():
-    assert keep_threshold(0.0) == -(2**31)  # every int32 is kept
-    assert keep_threshold(0.5) == 0
-    assert keep_threshold(1 - 2**-40) == 2**31 - 1  # stays a valid int32
+    assert keep_threshold(0.0) == 0  # every 32-bit draw is kept
+    assert keep_threshold(0.5) == 2**31
+    assert keep_threshold(1 - 2**-40) == 2**32 - 1  # something is still kept
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 229.5 / 256, 1 - 2**-30])
+def test_high_byte_decides_and_ties_draw_their_low_bits(p):
+    """The two-stage draw: entry e's high byte from the e-th byte of the stream; only ties draw 24 more bits.
+
+    ``p = 229.5/256`` puts the threshold's low bits at 2**23, so a tied entry is kept with probability exactly 1/2:
+    ties neither all kept nor all held shows their low bits are drawn and compared.
+    """
+    n = 300_001
+    keep = draw_keep_mask(n, p, 77, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(77)
+    coarse = torch.empty(-(-n // 8), dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
+    coarse = coarse.view(torch.uint8)[:n].long()
+    t = keep_threshold(p)
+    tied = coarse == t >> 24
+    assert torch.equal(keep[~tied], coarse[~tied] > t >> 24)
+    fine = torch.empty(int(tied.sum()), dtype=torch.int32).random_(0, 1 << 24, generator=generator)
+    assert torch.equal(keep[tied], (coarse[tied] << 24 | fine) >= t)
+    if p == 229.5 / 256:
+        assert abs(keep[tied].float().mean().item() - 0.5) <= 5 * 0.5 / math.sqrt(tied.sum().item())
 
 
 def test_stream_seed_is_a_pure_64_bit_hash():

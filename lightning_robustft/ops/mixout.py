@@ -41,12 +41,13 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
+from itertools import pairwise
 from typing import Literal, Protocol
 
 import torch
 
 from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.ops.mixout_inductor import ROW, FusedRows, rows_of
+from lightning_robustft.ops.mixout_inductor import ROW, FusedRows, byte_pattern, rows_of
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -59,6 +60,9 @@ MASK_BLOCK = 1 << 19
 :func:`block_key`) and of its arithmetic (a block's operands, about 4 x 2 MiB in fp32, stay in the L3 cache between
 the eager ops of a pass, which then costs about one trip to memory). A multiple of 8 (the bits are packed by 8) and
 part of the torch path's mask definition."""
+
+DRAW_CHUNK = 8
+"""Blocks whose random words the torch path classifies in one compiled call (8 blocks: 4 MiB of words)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -103,12 +107,12 @@ def mix_scale(p: float) -> float:
 
 
 def keep_threshold(p: float) -> int:
-    """Signed 32-bit threshold ``t`` such that a uniform int32 ``x`` is kept (``M = 1``) iff ``x >= t``.
+    """Threshold ``t`` such that a uniform unsigned 32-bit ``x`` is kept (``M = 1``) iff ``x >= t``.
 
-    ``P(keep) = 1 - round(p * 2**32) / 2**32``: the law ``Bernoulli(1-p)`` to within 2**-33, finer than a float32
-    uniform could resolve.
+    ``P(keep) = 1 - t / 2**32`` with ``t = round(p * 2**32)``: the law ``Bernoulli(1-p)`` to within 2**-33, finer
+    than a float32 uniform could resolve (capped at ``2**32 - 1`` so that ``p`` just below 1 still keeps something).
     """
-    return min(-(1 << 31) + round(p * (1 << 32)), (1 << 31) - 1)
+    return min(round(p * (1 << 32)), (1 << 32) - 1)
 
 
 def block_key(seed: int, period: int, index: int, block: int) -> int:
@@ -120,39 +124,46 @@ def block_key(seed: int, period: int, index: int, block: int) -> int:
     return _splitmix64(stream_seed(seed, period, index) ^ block)
 
 
-def draw_keep_mask(
-    numel: int,
-    p: float,
-    key: int,
-    device: torch.device,
-    out: torch.Tensor | None = None,
-    words: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Draw a flat boolean keep-mask (True = kept) from a Generator seeded with ``key``.
+def _draw_bytes(numel: int, generator: torch.Generator, words: torch.Tensor | None = None) -> torch.Tensor:
+    """``numel`` uniform bytes (uint8), eight per full-range int64 draw: the generator's fastest path per bit."""
+    size = -(-numel // 8)
+    if words is None:
+        words = torch.empty(size, dtype=torch.int64, device=generator.device)
+    words = words[:size].random_(-(1 << 63), None, generator=generator)
+    return words.view(torch.uint8)[:numel]
 
-    Uniform 32-bit integers are drawn as full-range int64 (the generator's fastest path, two draws per 64-bit word)
-    and compared with :func:`keep_threshold`: about 4x faster than ``bernoulli_`` on CPU. The torch path draws each
-    block of its masks this way.
+
+def _draw_fine(ties: int, generator: torch.Generator) -> torch.Tensor:
+    """The low 24 bits of the tied entries' draws (int32), in entry order, continuing the generator's stream."""
+    return torch.empty(ties, dtype=torch.int32, device=generator.device).random_(0, 1 << 24, generator=generator)
+
+
+def draw_keep_mask(numel: int, p: float, key: int, device: torch.device) -> torch.Tensor:
+    """The torch path's mask rule: a flat boolean keep-mask (True = kept) from a Generator seeded with ``key``.
+
+    Entry ``e`` is kept iff a uniform unsigned 32-bit ``x_e >= t`` (:func:`keep_threshold`). On CPU the cost is the
+    generator (ATen's Mersenne Twister is serial), so ``x_e`` is drawn in two stages: first its high byte only, eight
+    entries per 64-bit draw; the byte decides unless it equals the high byte of ``t`` (probability 1/256), and only
+    those tied entries then draw their low 24 bits, in entry order, from the same generator. The law is exactly
+    that of comparing whole 32-bit draws, for about a quarter of the generator's work. The passes draw each block
+    with a faster equivalent (:class:`_BlockDraws`); a test holds the two to the same bits.
 
     Args:
         numel: Number of elements.
         p: Probability of holding an entry at the anchor (``M = 0``).
         key: Generator seed, from :func:`block_key`.
         device: Device of the mask (and of the generator).
-        out: Optional flat bool tensor of ``numel`` elements to write into.
-        words: Optional int64 scratch of at least ``(numel + 1) // 2`` elements for the random words.
 
     Returns:
-        The flat bool mask (``out`` when given).
+        The flat bool mask.
     """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(key)
-    size = (numel + 1) // 2
-    words = torch.empty(size, dtype=torch.int64, device=device) if words is None else words[:size]
-    words.random_(-(1 << 63), None, generator=generator)
-    if out is None:
-        out = torch.empty(numel, dtype=torch.bool, device=device)
-    return torch.ge(words.view(torch.int32)[:numel], keep_threshold(p), out=out)
+    generator = torch.Generator(device=device).manual_seed(key)
+    high, low = divmod(keep_threshold(p), 1 << 24)
+    coarse = _draw_bytes(numel, generator)
+    keep = coarse > high
+    ties = (coarse == high).nonzero().squeeze(1)
+    keep[ties] = _draw_fine(ties.numel(), generator) >= low
+    return keep
 
 
 def pack_bits(keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -348,6 +359,71 @@ def _padded(n: int) -> int:
     return -(-n // 8) * 8
 
 
+class _BlockDraws:
+    """:func:`draw_keep_mask`'s bits for whole blocks, packed: the same bits, far fewer trips through memory.
+
+    The random words of up to :data:`DRAW_CHUNK` blocks go into one scratch, one compiled SWAR loop
+    (:func:`~lightning_robustft.ops.mixout_inductor.classify_bytes`, eight entries per int64) turns them into packed
+    keep-bits and packed tie flags (eager byte ops where Inductor cannot run), and only the tied entries, found word
+    by word (a word of eight entries holds a tie with probability about 3%), draw their low bits.
+    """
+
+    def __init__(self, p: float, device: torch.device, fused: FusedRows) -> None:
+        self._high, self._low = divmod(keep_threshold(p), 1 << 24)
+        self._above = torch.tensor(byte_pattern(255 - self._high), device=device)
+        self._equal = torch.tensor(byte_pattern(self._high), device=device)
+        self._device, self._fused = device, fused
+        size = DRAW_CHUNK * MASK_BLOCK // 8
+        self._words = torch.empty(size, dtype=torch.int64, device=device)
+        self._bits = torch.empty(size, dtype=torch.uint8, device=device)
+        self._tied = torch.empty(size, dtype=torch.uint8, device=device)
+        self._keep = torch.empty(0, dtype=torch.bool, device=device)
+
+    def draw(self, jobs: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Draw a block per ``(key, out)``: the mask of ``8*len(out)`` entries, generator seed ``key``, into ``out``.
+
+        ``out`` is a slice of a tensor's packed bits, at most :data:`MASK_BLOCK` entries.
+        """
+        for lo in range(0, len(jobs), DRAW_CHUNK):
+            chunk, generators, bounds = jobs[lo : lo + DRAW_CHUNK], [], [0]
+            for key, out in chunk:
+                generators.append(torch.Generator(device=self._device).manual_seed(key))
+                _draw_bytes(8 * out.numel(), generators[-1], self._words[bounds[-1] :])
+                bounds.append(bounds[-1] + out.numel())
+            self._classify(bounds[-1])
+            self._settle_ties(bounds, generators)
+            for (_, out), (start, stop) in zip(chunk, pairwise(bounds), strict=True):
+                out.copy_(self._bits[start:stop])
+
+    def _classify(self, n: int) -> None:
+        """Packed keep-bits (byte above the threshold's high byte) and tie flags of the first ``n`` words."""
+        words, bits, tied = self._words[:n], self._bits[:n], self._tied[:n]
+        if self._fused.classify(words, bits, tied, self._above, self._equal):
+            return
+        if self._keep.numel() == 0:
+            self._keep = torch.empty(MASK_BLOCK, dtype=torch.bool, device=self._device)
+        for start in range(0, n, MASK_BLOCK // 8):  # a block at a time, in cache
+            span = slice(start, min(start + MASK_BLOCK // 8, n))
+            coarse, keep = words[span].view(torch.uint8), self._keep[: 8 * (span.stop - span.start)]
+            pack_bits(torch.gt(coarse, self._high, out=keep), bits[span])
+            pack_bits(torch.eq(coarse, self._high, out=keep), tied[span])
+
+    def _settle_ties(self, bounds: list[int], generators: list[torch.Generator]) -> None:
+        """Set the bits of the tied entries whose low 24 bits, drawn per block in entry order, reach the threshold's.
+
+        ``bounds[j]:bounds[j+1]`` are the words of block ``j`` of the chunk, drawn with ``generators[j]``.
+        """
+        tied_words = self._tied[: bounds[-1]].nonzero().squeeze(1)
+        rows, cols = (self._words[tied_words].view(torch.uint8).view(-1, 8) == self._high).nonzero().unbind(1)
+        if rows.numel() == 0:
+            return
+        words = tied_words[rows]
+        per_block = torch.searchsorted(words, torch.tensor(bounds, device=self._device)).diff().tolist()
+        fine = torch.cat([_draw_fine(count, g) for count, g in zip(per_block, generators, strict=True)])
+        kept = (fine >= self._low).to(torch.uint8)
+        self._bits.index_put_((words,), kept << cols.to(torch.uint8), accumulate=True)
+
+
 class _TorchPasses:
     """The passes with PyTorch ops: CPU, and CUDA without Triton.
 
@@ -391,13 +467,11 @@ class _TorchPasses:
         self, period: int, jobs: Sequence[tuple[int, int, slice]], bits: Mapping[int, torch.Tensor] | list[torch.Tensor]
     ) -> None:
         """Draw the blocks ``(tensor, block, slice)`` of ``period`` into the packed ``bits`` of each tensor."""
-        keep = torch.empty(MASK_BLOCK, dtype=torch.bool, device=self._device)
-        words = torch.empty(MASK_BLOCK // 2, dtype=torch.int64, device=self._device)
+        outs = []
         for index, block, span in jobs:
-            n = _padded(span.stop - span.start)
-            key = block_key(self._seed, period, index, block)
-            draw_keep_mask(n, self._p, key, self._device, out=keep[:n], words=words)
-            pack_bits(keep[:n], bits[index][span.start // 8 : span.start // 8 + n // 8])
+            first, size = span.start // 8, _padded(span.stop - span.start) // 8
+            outs.append((block_key(self._seed, period, index, block), bits[index][first : first + size]))
+        _BlockDraws(self._p, self._device, self._fused).draw(outs)
 
     def _period_bits(self, period: int) -> list[torch.Tensor]:
         if self._bits_period != period:
