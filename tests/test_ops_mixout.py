@@ -361,11 +361,17 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
 
 
-def test_dynamo_disabled_means_eager_passes():
-    """``TORCHDYNAMO_DISABLE=1`` (``torch._dynamo.config.disable``) is the documented way to skip the compiler."""
+@pytest.mark.parametrize("switch", ["TORCHDYNAMO_DISABLE", "TORCH_COMPILE_DISABLE"])
+def test_dynamo_disabled_means_eager_passes(switch, monkeypatch):
+    """PyTorch's two documented switches skip the compiler: ``TORCHDYNAMO_DISABLE=1`` in the environment (read by
+    ``torch.compile`` at each call) and ``TORCH_COMPILE_DISABLE=1`` (read at import into ``config.disable``)."""
     params, gen = make_targets([(4099,)], torch.float32)
-    with torch._dynamo.config.patch(disable=True):
+    if switch == "TORCHDYNAMO_DISABLE":
+        monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
         passes = MixoutPasses(params, p=0.5, seed=4, backend="torch")
+    else:
+        with torch._dynamo.config.patch(disable=True):
+            passes = MixoutPasses(params, p=0.5, seed=4, backend="torch")
     move(params, gen)
     passes.mix_in(0)
     assert_mode(passes, "eager")

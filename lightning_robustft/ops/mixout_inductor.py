@@ -19,6 +19,7 @@ Compiled once per process and dtype; the number of rows is a symbolic size, so a
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from functools import cache
@@ -238,7 +239,14 @@ class FusedRows:
 
 
 def compiled_rows_supported() -> bool:
-    """Whether ``torch.compile`` can run in this interpreter (Dynamo supports it and is not disabled)."""
+    """Whether ``torch.compile`` can run in this interpreter (Dynamo supports it and is not disabled).
+
+    PyTorch has two switches: ``TORCH_COMPILE_DISABLE=1`` (read into ``torch._dynamo.config.disable``) and
+    ``TORCHDYNAMO_DISABLE=1`` (read by ``torch.compile`` on each call, which then returns the function uncompiled).
+    Either means the eager ops: the loops' Python bodies run eagerly would be correct but far slower than the eager
+    ops, which are written for it.
+    """
     import torch._dynamo
 
-    return bool(torch._dynamo.is_dynamo_supported()) and not torch._dynamo.config.disable
+    disabled = torch._dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1"
+    return bool(torch._dynamo.is_dynamo_supported()) and not disabled
