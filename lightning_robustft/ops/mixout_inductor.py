@@ -243,8 +243,8 @@ def compiled_rows_supported() -> bool:
 
     PyTorch has two switches: ``TORCH_COMPILE_DISABLE=1`` (read into ``torch._dynamo.config.disable``) and
     ``TORCHDYNAMO_DISABLE=1`` (read by ``torch.compile`` on each call, which then returns the function uncompiled).
-    Either means the eager ops: the loops' Python bodies run eagerly would be correct but far slower than the eager
-    ops, which are written for it.
+    Either means the eager ops: run uncompiled, the loops' Python bodies would give the same results far more slowly
+    than the eager ops, which are written to run eagerly.
     """
     import torch._dynamo
 
