@@ -187,6 +187,31 @@ def test_training_matches_hand_written_gmixout(
     assert_params_close(params_of(model), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_backbone_sees_the_mixed_weights_without_recompiling() -> None:
+    """A user's ``torch.compile``: the ``.data`` swap keeps each Parameter, so one graph serves ``w~`` and ``w``.
+
+    The graph is compiled on ``w``'s storage before fit, then serves ``w~`` in every training step. Dynamo guards
+    on the parameters' metadata, not their storage; a swap that replaced the Parameter objects or changed a stride
+    would recompile (``error_on_recompile`` fails the test), and a graph that kept reading the old storage would
+    train ``w`` instead of ``w~`` (the comparison with the hand-written reference fails).
+    """
+    steps, p = 4, 0.6
+    callback = GMixoutCallback(p=p, targets=TARGETS, seed=11)
+    model, recorder = make_model(), Recorder()
+    model.backbone.compile()
+    trainer = make_trainer([callback, recorder], max_steps=steps)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model.backbone(make_batches(1)[0][0])  # compiled on w's storage, with grad enabled as in training
+        trainer.fit(model, make_loader(steps))
+    grads, expected = reference_gmixout(
+        make_model(), make_batches(steps), callback.passes.mask, TARGETS, steps, p, 1, 1.0
+    )
+    for got, want in zip(recorder.grads, grads, strict=True):
+        assert_params_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_params_close(params_of(model), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_masks_follow_the_period() -> None:
     callback = GMixoutCallback(p=0.5, resample_every=2, targets=TARGETS, seed=3)
     _fit(callback, 1)
