@@ -281,6 +281,7 @@ class TorchPasses:
         return [ROW * n if n and next(flags) else 0 for n in self._rows]
 
     def mix(self, period: int, learned: Sequence[torch.Tensor]) -> None:
+        """Mixed weights of ``period`` into the buffers: fused rows first, then the eager tails."""
         bits = self._period_bits(period)
         views = zip(learned, self._row_views, self._rows, strict=True)
         jobs = [(v[0], rows_of(w, n), v[1], v[2]) for w, v, n in views if v]
@@ -291,6 +292,7 @@ class TorchPasses:
                 _mix_chunk(out[s], w[s], a[s], self._block_weights(bits[i], s), self._wide)
 
     def scale_grads(self, period: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """``g <- M*g*s`` in place for every gradient given (any layout: copied in and back when needed)."""
         bits = self._period_bits(period)
         targets = [None if g is None else _in_layout_of(g, like) for g, like in zip(grads, self._buffers, strict=True)]
         fused = [v is not None and t is not None for v, t in zip(self._row_views, targets, strict=True)]
@@ -308,6 +310,7 @@ class TorchPasses:
                 g.copy_(target)
 
     def update_anchor(self, weight: float, learned: Sequence[torch.Tensor]) -> None:
+        """``a <- lerp(a, w, weight)`` for every target, block by block (eager: one op per block, no mask)."""
         if self._narrow:
             self._eager_scratch(MASK_BLOCK)
         for a, w in zip(self._anchors, learned, strict=True):
@@ -316,6 +319,7 @@ class TorchPasses:
                 _anchor_chunk(a[s], w[s], weight, self._wide)
 
     def mask(self, period: int, index: int) -> torch.Tensor:
+        """The keep-mask of target ``index`` in ``period``, shaped like it: the kept bits, or a fresh draw of them."""
         like = self._buffers[index]
         if self._bits_period == period:
             bits = self._bits[index]
