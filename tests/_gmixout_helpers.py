@@ -1,4 +1,5 @@
-"""A tiny LightningModule, its data, and a hand-written GMixout reference for the GMixoutCallback tests."""
+"""GMixout test helpers: a tiny LightningModule, its data, a hand-written GMixout reference for the callback tests,
+and float64 references of the passes with the checks that the torch and Triton backends' tests share."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robustft.callbacks.gmixout import GMixoutCallback
+from lightning_robustft.ops.mixout import MixoutPasses, mix_scale
 
 FEATURES, CLASSES, BATCH = 12, 3, 8
 
@@ -177,3 +179,80 @@ def assert_params_equal(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert actual.keys() == expected.keys()
     different = [name for name in expected if not torch.equal(actual[name], expected[name])]
     assert not different, f"parameters differ: {different}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The passes (MixoutPasses): float64 references of the three passes, and the checks both backends' tests share
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def mixin_reference(w: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Reference mixed weight ``w~ = a + M*(w - a)/(1-p)``, computed in float64 and rounded to ``w``'s dtype."""
+    w64, a64 = w.double(), a.double()
+    return torch.where(mask, a64 + (w64 - a64) / (1.0 - p), a64).to(w.dtype)
+
+
+def mixout_grad_reference(g: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Reference gradient of ``w``: ``M*g/(1-p)``, computed in float64 and rounded to ``g``'s dtype."""
+    return torch.where(mask, g.double() / (1.0 - p), 0.0).to(g.dtype)
+
+
+def anchor_reference(a: torch.Tensor, w: torch.Tensor, decay: float) -> torch.Tensor:
+    """Reference anchor EMA ``decay*a + (1-decay)*w``, computed in float64 and rounded to fp32."""
+    return (decay * a.double() + (1.0 - decay) * w.double()).float()
+
+
+def make_targets(
+    shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> tuple[list[torch.Tensor], torch.Generator]:
+    """Anchored tensors, then moved away from the anchor so that kept and held entries differ."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    return params, gen
+
+
+def move(params: Sequence[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    """Step every target away from where it is (in place); returns copies of the new values ``w``."""
+    for w in params:
+        w.add_(torch.randn(w.shape, generator=gen).to(device=w.device, dtype=w.dtype))
+    return [w.clone() for w in params]
+
+
+def assert_mixed_close(got: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, a: torch.Tensor, p: float) -> None:
+    """|got - ref| within one ulp of the dtype at |ref| plus fp32 rounding of the lerp's terms."""
+    terms = a.double().abs() + w.double().abs() * (1 + mix_scale(p)) + a.double().abs() * mix_scale(p)
+    bound = torch.finfo(got.dtype).eps * ref.double().abs() + 8 * torch.finfo(torch.float32).eps * terms + 1e-30
+    err = (got.double() - ref.double()).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+
+
+def check_pass_semantics(
+    passes: MixoutPasses,
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    w: Sequence[torch.Tensor],
+    period: int,
+    p: float,
+    gen: torch.Generator,
+) -> list[torch.Tensor]:
+    """mix_in / mix_out against the references for the masks the passes report; returns those masks.
+
+    Target 1 gets no gradient (``None`` must pass through).
+    """
+    passes.mix_in(period)
+    masks = [passes.mask(period, i) for i in range(len(params))]
+    for t, a, w_i, m in zip(params, anchors, w, masks, strict=True):
+        assert torch.equal(t[~m], a[~m].to(t.dtype)), "held entries must be exactly the anchor"
+        assert_mixed_close(t, mixin_reference(w_i, a, m, p), w_i, a, p)
+    fresh = [torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype) for t in params]
+    grads = [g.clone() for g in fresh]
+    grads[1] = None
+    passes.mix_out(period, grads)
+    for t, w_i in zip(params, w, strict=True):
+        assert torch.equal(t, w_i), "mix_out must restore w bitwise"
+    for g, g0, m in zip(grads, fresh, masks, strict=True):
+        if g is not None:
+            assert (g[~m] == 0).all()
+            ref = mixout_grad_reference(g0, m, p)
+            torch.testing.assert_close(g, ref, rtol=torch.finfo(g.dtype).eps, atol=0)
+    return masks

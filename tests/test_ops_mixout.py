@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from _gmixout_helpers import (
+    anchor_reference,
+    assert_mixed_close,
+    check_pass_semantics,
+    make_targets,
+    mixin_reference,
+    mixout_grad_reference,
+    move,
+)
 from torch import nn
 
-from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.ops import mixout, mixout_inductor
 from lightning_robustft.ops.mixout import (
     MixoutPasses,
-    anchor_reference,
+    _inductor,
+    _passes,
+    _torch,
     bit_weights,
     block_key,
     draw_keep_mask,
     keep_threshold,
-    mix_scale,
-    mixin_reference,
-    mixout_grad_reference,
     pack_bits,
     resolve_backend,
+    splitmix64,
     stream_seed,
     unpack_bits,
 )
@@ -37,7 +46,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def cpu_mode(request, monkeypatch):
     """Both evaluations of the torch path on CPU: Inductor's fused loops (with eager tails), and eager ops alone."""
     if request.param == "eager":
-        monkeypatch.setattr(mixout_inductor, "compiled_rows_supported", lambda: False)
+        monkeypatch.setattr(_inductor, "compiled_rows_supported", lambda: False)
     return request.param
 
 
@@ -46,53 +55,10 @@ def assert_mode(passes, mode):
     assert passes._impl._fused.enabled == (mode == "fused")
 
 
-def make_targets(shapes, dtype, seed=0, device="cpu"):
-    """Anchored tensors, then moved away from the anchor so that kept and held entries differ."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
-    return params, gen
-
-
-def move(params, gen):
-    for w in params:
-        w.add_(torch.randn(w.shape, generator=gen).to(device=w.device, dtype=w.dtype))
-    return [w.clone() for w in params]
-
-
-def assert_mixed_close(got, ref, w, a, p):
-    """|got - ref| within one ulp of the dtype at |ref| plus fp32 rounding of the lerp's terms."""
-    terms = a.double().abs() + w.double().abs() * (1 + mix_scale(p)) + a.double().abs() * mix_scale(p)
-    bound = torch.finfo(got.dtype).eps * ref.double().abs() + 8 * torch.finfo(torch.float32).eps * terms + 1e-30
-    err = (got.double() - ref.double()).abs()
-    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
-
-
-def check_pass_semantics(passes, params, anchors, w, period, p, gen):
-    """mix_in / mix_out against the references for the masks the passes report."""
-    passes.mix_in(period)
-    masks = [passes.mask(period, i) for i in range(len(params))]
-    for t, a, w_i, m in zip(params, anchors, w, masks, strict=True):
-        assert torch.equal(t[~m], a[~m].to(t.dtype)), "held entries must be exactly the anchor"
-        assert_mixed_close(t, mixin_reference(w_i, a, m, p), w_i, a, p)
-    fresh = [torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype) for t in params]
-    grads = [g.clone() for g in fresh]
-    grads[1] = None
-    passes.mix_out(period, grads)
-    for t, w_i in zip(params, w, strict=True):
-        assert torch.equal(t, w_i), "mix_out must restore w bitwise"
-    for g, g0, m in zip(grads, fresh, masks, strict=True):
-        if g is not None:
-            assert (g[~m] == 0).all()
-            ref = mixout_grad_reference(g0, m, p)
-            torch.testing.assert_close(g, ref, rtol=torch.finfo(g.dtype).eps, atol=0)
-    assert grads[1] is None
-    return masks
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.3, 0.9])
 def test_passes_match_references(dtype, p, cpu_mode, monkeypatch):
-    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)  # block boundaries inside the 4099- and 70001-element tensors
+    monkeypatch.setattr(_torch, "MASK_BLOCK", 4096)  # block boundaries inside the 4099- and 70001-element tensors
     params, gen = make_targets(SHAPES, dtype)
     passes = MixoutPasses(params, p=p, seed=11, backend="torch")
     anchors = [a.clone() for a in passes.anchors]
@@ -164,15 +130,15 @@ def test_masks_deterministic_distinct_and_cached(monkeypatch):
     second = MixoutPasses(make_targets(shapes, torch.float32, seed=1)[0], p=0.5, seed=5, backend="torch")
     other_seed = MixoutPasses(make_targets(shapes, torch.float32)[0], p=0.5, seed=6, backend="torch")
     m = first.mask(3, 0)
-    assert torch.equal(m, first.mask(3, 0)) and torch.equal(m, second.mask(3, 0)), "a pure function of the seed"
+    assert torch.equal(m, second.mask(3, 0)), "a pure function of the seed: other values, same mask"
     assert not torch.equal(m, first.mask(4, 0)), "new mask each period"
     assert not torch.equal(m, first.mask(3, 1)), "independent across tensors"
     assert not torch.equal(m, other_seed.mask(3, 0))
 
     draws = []
     # One draw per block.
-    block_draw = mixout._BlockDraws.draw
-    monkeypatch.setattr(mixout._BlockDraws, "draw", lambda self, jobs: draws.extend(jobs) or block_draw(self, jobs))
+    block_draw = _torch._BlockDraws.draw
+    monkeypatch.setattr(_torch._BlockDraws, "draw", lambda self, jobs: draws.extend(jobs) or block_draw(self, jobs))
     params, gen = make_targets(shapes, torch.float32)
     passes = MixoutPasses(params, p=0.5, seed=5, backend="torch")
     move(params, gen)
@@ -192,7 +158,7 @@ def test_masks_deterministic_distinct_and_cached(monkeypatch):
 
 def test_mask_is_the_documented_block_draw(monkeypatch):
     """Block j of tensor i in period r is draw_keep_mask(block, p, block_key(seed, r, i, j)), whatever else is drawn."""
-    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)
+    monkeypatch.setattr(_torch, "MASK_BLOCK", 4096)
     shapes = [(4099,), (3, 5, 7), (70001,)]
     params, gen = make_targets(shapes, torch.float32)
     passes = MixoutPasses(params, p=0.7, seed=21, backend="torch")
@@ -218,12 +184,12 @@ def test_block_draws_are_the_mask_rule(p, cpu_mode, monkeypatch):
 
     Odd block sizes, more blocks than one classification chunk holds, and thresholds at both ends of the byte range.
     """
-    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)
-    monkeypatch.setattr(mixout, "DRAW_CHUNK", 3)
+    monkeypatch.setattr(_torch, "MASK_BLOCK", 4096)
+    monkeypatch.setattr(_torch, "DRAW_CHUNK", 3)
     sizes = [4096, 8, 4000, 4096, 1000, 4096, 2048]
     outs = [torch.full((n // 8,), 0xA5, dtype=torch.uint8) for n in sizes]  # stale bytes must be overwritten
-    fused = mixout_inductor.FusedRows(torch.device("cpu"))
-    mixout._BlockDraws(p, torch.device("cpu"), fused).draw([(1000 + k, out) for k, out in enumerate(outs)])
+    fused = _inductor.FusedRows(torch.device("cpu"))
+    _torch._BlockDraws(p, torch.device("cpu"), fused).draw([(1000 + k, out) for k, out in enumerate(outs)])
     assert fused.enabled == (cpu_mode == "fused")
     for k, (n, out) in enumerate(zip(sizes, outs, strict=True)):
         assert torch.equal(unpack_bits(out, n), draw_keep_mask(n, p, 1000 + k, torch.device("cpu"))), (k, n)
@@ -236,12 +202,12 @@ def test_classify_bytes_compares_every_byte(high):
     noise = torch.empty(999, dtype=torch.int64).random_(-(2**63), None, generator=torch.Generator().manual_seed(high))
     words = torch.cat([*every, noise])
     coarse = words.view(torch.uint8)
-    above = torch.tensor(mixout_inductor.byte_pattern(255 - high))
-    equal = torch.tensor(mixout_inductor.byte_pattern(high))
+    above = torch.tensor(_inductor.byte_pattern(255 - high))
+    equal = torch.tensor(_inductor.byte_pattern(high))
     expected = [pack_bits(coarse > high, torch.empty_like(words, dtype=torch.uint8)),
                 pack_bits(coarse == high, torch.empty_like(words, dtype=torch.uint8))]  # fmt: skip
-    compiled = torch.compile(mixout_inductor.classify_bytes, fullgraph=True)
-    for classify in (mixout_inductor.classify_bytes, compiled):
+    compiled = torch.compile(_inductor.classify_bytes, fullgraph=True)
+    for classify in (_inductor.classify_bytes, compiled):
         bits, tied = torch.empty_like(words, dtype=torch.uint8), torch.empty_like(words, dtype=torch.uint8)
         classify(words, bits, tied, above, equal)
         assert torch.equal(bits, expected[0]) and torch.equal(tied, expected[1])
@@ -294,7 +260,7 @@ def test_persistent_memory_is_buffers_anchors_one_bit_per_entry_and_a_fixed_scra
 
     The scratch is the eager ops': a tail's worth (32 entries) when the fused loops do the rows, else one block.
     """
-    monkeypatch.setattr(mixout, "MASK_BLOCK", 4096)
+    monkeypatch.setattr(_torch, "MASK_BLOCK", 4096)
     params = [torch.randn(4099), torch.randn(3, 5, 7)]
     passes = MixoutPasses(params, p=0.9, seed=0, backend="torch")
     passes.mix_in(0)
@@ -324,7 +290,7 @@ def test_fused_and_eager_agree_to_fp32_rounding(monkeypatch):
     mixed, scaled = {}, {}
     for mode in ("fused", "eager"):
         if mode == "eager":
-            monkeypatch.setattr(mixout_inductor, "compiled_rows_supported", lambda: False)
+            monkeypatch.setattr(_inductor, "compiled_rows_supported", lambda: False)
         passes = MixoutPasses(params, p=0.8, seed=2, backend="torch")
         passes.anchors = anchors
         passes.mix_in(7)
@@ -345,14 +311,14 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(mixout_inductor, "_compiled", lambda: (broken,) * 3)
+    monkeypatch.setattr(_inductor, "_compiled", lambda: (broken,) * 3)
     params, gen = make_targets(SHAPES, torch.float32)
     passes = MixoutPasses(params, p=0.5, seed=4, backend="torch")
     w = move(params, gen)
     with pytest.warns(RuntimeWarning, match="could not compile the CPU passes.*no C\\+\\+ compiler"):
         passes.mix_in(1)
     assert_mode(passes, "eager")
-    monkeypatch.setattr(mixout_inductor, "compiled_rows_supported", lambda: False)
+    monkeypatch.setattr(_inductor, "compiled_rows_supported", lambda: False)
     eager = MixoutPasses([t.clone() for t in w], p=0.5, seed=4, backend="torch")
     eager.anchors = passes.anchors
     eager.mix_in(1)
@@ -380,8 +346,8 @@ def test_dynamo_disabled_means_eager_passes(switch, monkeypatch):
 @pytest.mark.parametrize(("numel", "start"), [(20, 0), (20, 16), (20, 8), (20, 20), (16, 16), (16, 8), (0, 0)])
 def test_blocks_after_start_tile_the_rest_of_the_tensor(numel, start, monkeypatch):
     """The eager tails after the fused rows: every entry from ``start`` on, once, each in its own mask block."""
-    monkeypatch.setattr(mixout, "MASK_BLOCK", 8)
-    spans = list(mixout._blocks(numel, start))
+    monkeypatch.setattr(_torch, "MASK_BLOCK", 8)
+    spans = list(_torch._blocks(numel, start))
     assert [i for _, s in spans for i in range(s.start, s.stop)] == list(range(start, numel))
     assert all(j * 8 <= s.start < s.stop <= (j + 1) * 8 for j, s in spans)
 
@@ -421,11 +387,20 @@ def test_high_byte_decides_and_ties_draw_their_low_bits(p):
         assert abs(keep[tied].float().mean().item() - 0.5) <= 5 * 0.5 / math.sqrt(tied.sum().item())
 
 
-def test_stream_seed_is_a_pure_64_bit_hash():
+def test_splitmix64_is_the_reference_generator():
+    """The first outputs of Vigna's splitmix64.c seeded with 0 (its state advances by the golden gamma per call)."""
+    gamma = 0x9E3779B97F4A7C15
+    outputs = [splitmix64(k * gamma % 2**64) for k in range(3)]
+    assert outputs == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+
+
+def test_stream_seed_is_a_64_bit_hash_of_all_three_arguments():
     seeds = {stream_seed(s, r, i) for s in range(3) for r in range(20) for i in range(20)}
     assert len(seeds) == 3 * 20 * 20
     assert all(0 <= x < 2**64 for x in seeds)
-    assert stream_seed(7, 3, 2) == stream_seed(7, 3, 2)
+    assert stream_seed(7, 3, 2) == splitmix64(splitmix64(splitmix64(7) ^ 3) ^ 2), "the documented chain"
+    assert stream_seed(7 + 2**64, 3, 2) == stream_seed(7, 3, 2), "only the seed's low 64 bits count"
+    assert block_key(7, 3, 2, 5) == splitmix64(stream_seed(7, 3, 2) ^ 5)
 
 
 def test_monte_carlo_expectation_is_w():
@@ -499,49 +474,66 @@ def test_anchors_setter_copies_into_the_buffers():
     passes.anchors = new
     assert [a.data_ptr() for a in passes.anchors] == before
     assert all(torch.equal(a, n) for a, n in zip(passes.anchors, new, strict=True))
-    with pytest.raises(RobustFTConfigError, match="`anchors`"):
+    with pytest.raises(ValueError, match="`anchors`"):
         passes.anchors = new[:1]
-    with pytest.raises(RobustFTConfigError, match=r"`anchors\[1\]`"):
+    with pytest.raises(ValueError, match=r"`anchors\[1\]`.*shape \(3, 5, 7\), got \(3,\)"):
         passes.anchors = [new[0], torch.zeros(3)]
+    with pytest.raises(TypeError, match=r"`anchors\[0\]`.*got list"):
+        passes.anchors = [[2.0] * 7, new[1]]
+    assert all(torch.equal(a, n) for a, n in zip(passes.anchors, new, strict=True)), "refused anchors change nothing"
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), True, "0.5"])
-def test_bad_p(p):
-    with pytest.raises(RobustFTConfigError, match=r"`p`.*\[0, 1\)"):
+@pytest.mark.parametrize(
+    ("p", "error"),
+    [(-0.1, ValueError), (1.0, ValueError), (1.5, ValueError), (float("nan"), ValueError), (True, TypeError),
+     ("0.5", TypeError)],
+)  # fmt: skip
+def test_bad_p(p, error):
+    """Out of range (NaN included): ValueError; not a number (a bool is not a probability): TypeError."""
+    with pytest.raises(error, match=r"`p`.*\[0, 1\)"):
         MixoutPasses([torch.zeros(3)], p=p, seed=0)
 
 
 def test_bad_arguments():
     ok = [torch.zeros(3)]
     cases = [
-        (lambda: MixoutPasses(ok, 0.5, seed=-1), "`seed`"),
-        (lambda: MixoutPasses(ok, 0.5, seed=1.5), "`seed`"),
-        (lambda: MixoutPasses([], 0.5, 0), "`params` is empty"),
-        (lambda: MixoutPasses([torch.zeros(3, dtype=torch.int64)], 0.5, 0), r"`params\[0\]`.*torch.int64"),
-        (lambda: MixoutPasses([torch.zeros(3, dtype=torch.float64)], 0.5, 0), r"`params\[0\]`.*float64"),
-        (lambda: MixoutPasses([torch.zeros(3), torch.zeros(3, device="meta")], 0.5, 0), r"`params\[1\]` is on meta"),
-        (lambda: MixoutPasses([torch.zeros(4, 4)[:, ::2]], 0.5, 0), r"`params\[0\]`.*not dense"),
-        (lambda: MixoutPasses(ok, 0.5, 0, backend="cuda"), "`backend`"),
+        (lambda: MixoutPasses(ok, 0.5, seed=-1), ValueError, "`seed`"),
+        (lambda: MixoutPasses(ok, 0.5, seed=2**64), ValueError, r"`seed` must be an integer in \[0, "),
+        (lambda: MixoutPasses(ok, 0.5, seed=1.5), TypeError, "`seed`"),
+        (lambda: MixoutPasses([], 0.5, 0), ValueError, "`params` is empty"),
+        (lambda: MixoutPasses([torch.zeros(3), [0.0]], 0.5, 0), TypeError, r"`params\[1\]` must be a torch.Tensor"),
+        (lambda: MixoutPasses([torch.zeros(3, dtype=torch.int64)], 0.5, 0), ValueError, r"`params\[0\]`.*torch.int64"),
+        (lambda: MixoutPasses([torch.zeros(3, dtype=torch.float64)], 0.5, 0), ValueError, r"`params\[0\]`.*float64"),
+        (
+            lambda: MixoutPasses([torch.zeros(3), torch.zeros(3, device="meta")], 0.5, 0),
+            ValueError,
+            r"`params\[1\]` is on meta",
+        ),
+        (lambda: MixoutPasses([torch.zeros(4, 4)[:, ::2]], 0.5, 0), ValueError, r"`params\[0\]`.*not dense"),
+        (lambda: MixoutPasses(ok, 0.5, 0, backend="cuda"), ValueError, "`backend`"),
     ]
-    for make, message in cases:
-        with pytest.raises(RobustFTConfigError, match=message):
+    for make, error, message in cases:
+        with pytest.raises(error, match=message):
             make()
     passes = MixoutPasses([torch.zeros(3), torch.zeros(2, 2)], 0.5, 0, backend="torch")
-    for call, message in [
-        (lambda: passes.mix_in(-1), "`period`"),
-        (lambda: passes.mask(0, 2), "`index`"),
-        (lambda: passes.update_anchor(1.5), "`decay`"),
-        (lambda: passes.update_anchor(-0.1), "`decay`"),
+    for call, error, message in [
+        (lambda: passes.mix_in(-1), ValueError, "`period`"),
+        (lambda: passes.mix_in(0.0), TypeError, "`period`"),
+        (lambda: passes.mask(0, 2), ValueError, "`index`"),
+        (lambda: passes.update_anchor(1.5), ValueError, "`decay`"),
+        (lambda: passes.update_anchor(-0.1), ValueError, "`decay`"),
+        (lambda: passes.update_anchor("0.5"), TypeError, "`decay`"),
     ]:
-        with pytest.raises(RobustFTConfigError, match=message):
+        with pytest.raises(error, match=message):
             call()
+    assert not passes.mixed
     passes.mix_in(0)
     for grads, message in [
         ([None], "`grads` needs 2"),
         ([torch.zeros(4), None], r"`grads\[0\]`.*shape \(3,\)"),
         ([None, torch.zeros(2, 2, dtype=torch.float16)], r"`grads\[1\]`.*float16"),
     ]:
-        with pytest.raises(RobustFTConfigError, match=message):
+        with pytest.raises(ValueError, match=message):
             passes.mix_out(0, grads)
     assert passes.mixed, "a rejected mix_out leaves the state unchanged"
 
@@ -551,16 +543,16 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend("torch", cpu) == "torch"
     assert resolve_backend("auto", cpu) == "torch"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RobustFTConfigError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", cpu) == "triton"
-    monkeypatch.setattr(mixout, "_triton_importable", lambda: False)
-    with pytest.raises(RobustFTConfigError, match="needs the `triton` package"):
-        resolve_backend("triton", cpu)
-    with pytest.raises(RobustFTConfigError, match="got tensors on"):
-        monkeypatch.setattr(mixout, "_triton_importable", lambda: True)
+    with pytest.raises(ValueError, match="got tensors on"):
         resolve_backend("triton", [torch.zeros(2, device="meta")])
+    monkeypatch.setattr(_passes, "_triton_importable", lambda: False)
+    with pytest.raises(ImportError, match="needs the `triton` package"):
+        resolve_backend("triton", cpu)
+    assert resolve_backend("auto", cpu) == "torch"
 
 
 @pytest.mark.slow
@@ -569,18 +561,54 @@ def test_works_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, lightning_robustft\n"
-        "from lightning_robustft.errors import RobustFTConfigError\n"
         "from lightning_robustft.ops.mixout import MixoutPasses, resolve_backend\n"
         "passes = MixoutPasses([torch.randn(10)], 0.5, 0)\n"
         "assert passes.backend == 'torch'\n"
         "passes.mix_in(0); passes.mix_out(0, [torch.ones(10)])\n"
         "try:\n"
         "    resolve_backend('triton', [torch.zeros(1)])\n"
-        "except RobustFTConfigError as err:\n"
+        "except ImportError as err:\n"
         "    assert 'needs the `triton` package' in str(err)\n"
         "else:\n"
         "    raise AssertionError('triton backend accepted without triton')\n"
-        "assert 'lightning_robustft.ops.mixout_triton' not in sys.modules\n"
+        "assert 'lightning_robustft.ops.mixout._triton' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# The package's modules in import order: each may import only those before it (the Triton backend is imported lazily
+# by the front end, and never imports it back).
+LAYERS = ["_law", "_inductor", "_torch", "_triton", "_passes"]
+
+
+def test_modules_import_only_the_layers_below_and_not_lightning():
+    root = Path(_passes.__file__).parent
+    assert sorted(p.stem for p in root.glob("*.py")) == sorted([*LAYERS, "__init__"]), "a new module needs a layer"
+    for rank, name in enumerate(LAYERS):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        ours = {m for m in imported if m.split(".")[0] in ("lightning_robustft", "lightning")}
+        assert ours <= {f"lightning_robustft.ops.mixout.{below}" for below in LAYERS[:rank]}, (name, ours)
+
+
+@pytest.mark.slow
+def test_importing_the_passes_does_not_import_lightning():
+    """ops/ is plain PyTorch: its errors are built-in exceptions, so importing it pulls in no Lightning module.
+
+    The parent packages are stubbed because ``lightning_robustft/__init__.py`` itself imports the callbacks.
+    """
+    code = (
+        "import sys, types, pathlib, torch\n"
+        f"root = pathlib.Path({str(Path(_passes.__file__).parents[2])!r})\n"
+        "for name, path in (('lightning_robustft', root), ('lightning_robustft.ops', root / 'ops')):\n"
+        "    sys.modules[name] = types.ModuleType(name); sys.modules[name].__path__ = [str(path)]\n"
+        "from lightning_robustft.ops.mixout import MixoutPasses\n"
+        "passes = MixoutPasses([torch.randn(100)], 0.5, 0, backend='torch')\n"
+        "passes.mix_in(0); passes.mix_out(0, [torch.ones(100)])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'lightning')\n"
+        "assert not loaded, loaded\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

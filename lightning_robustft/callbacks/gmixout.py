@@ -21,7 +21,7 @@ from lightning_robustft.callbacks._checks import (
     select_parameters,
 )
 from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.ops.mixout import MixoutPasses
+from lightning_robustft.ops.mixout import MixoutPasses, splitmix64
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -364,10 +364,7 @@ def select_targets(
 
 def derive_seed(initial_seed: int) -> int:
     """A mask seed from the process seed (splitmix64 finaliser), decorrelated from the streams that seed drives."""
-    z = (initial_seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) % (MAX_SEED + 1)
+    return splitmix64(initial_seed) % (MAX_SEED + 1)
 
 
 def step_was_skipped(scale_before: float, scale_after: float) -> bool:

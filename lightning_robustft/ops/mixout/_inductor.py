@@ -8,7 +8,7 @@ reads every operand once: the mask word of 32 entries is loaded once and its bit
 The loops work on *rows* of :data:`ROW` = 32 entries, one int32 mask word per row (bit ``k`` of word ``r`` is entry
 ``32r + k``, which is how the torch path's packed bytes read as little-endian int32). The tail of a tensor (fewer
 than 32 entries) and every tensor on a machine where Inductor cannot compile (no C++ compiler, an unsupported Python)
-take the eager ops of :mod:`lightning_robustft.ops.mixout`. The two evaluations agree to fp32 rounding: eager
+take the eager ops of :mod:`lightning_robustft.ops.mixout._torch`. The two evaluations agree to fp32 rounding: eager
 ``torch.lerp`` fuses the multiply-add, the generated code does not. Each is deterministic.
 
 A new mask's random bytes are compared with the threshold by :func:`classify_bytes`, eight bytes per int64 in
@@ -25,6 +25,10 @@ from collections.abc import Callable
 from functools import cache
 
 import torch
+
+from lightning_robustft.ops.mixout._law import as_int64
+
+__all__ = ["GROUP", "ROW", "FusedRows", "byte_pattern", "classify_bytes", "compiled_rows_supported", "rows_of"]
 
 ROW = 32
 """Entries per row: one int32 word of mask bits."""
@@ -62,19 +66,14 @@ def scale_grad_rows(g: torch.Tensor, words: torch.Tensor, s: torch.Tensor) -> No
     g.copy_(g.float() * torch.where(keep, s, 0.0))
 
 
-def _signed(word: int) -> int:
-    """An unsigned 64-bit constant as the int64 with the same bits."""
-    return word - (1 << 64) if word >= (1 << 63) else word
-
-
 _ONES = 0x0101010101010101
 _LOW7 = 0x7F7F7F7F7F7F7F7F
-_HIGHS = _signed(0x8080808080808080)
+_HIGHS = as_int64(0x8080808080808080)
 
 
 def byte_pattern(byte: int) -> int:
     """The int64 with ``byte`` in each of its eight bytes."""
-    return _signed(byte * _ONES)
+    return as_int64(byte * _ONES)
 
 
 def _byte_msbs(x: torch.Tensor) -> torch.Tensor:

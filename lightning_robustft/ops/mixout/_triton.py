@@ -1,4 +1,4 @@
-"""Triton kernels of the GMixout passes (imported lazily by :mod:`lightning_robustft.ops.mixout`).
+"""Triton kernels of the GMixout passes: the ``"triton"`` backend, imported only when a run selects it.
 
 Few launches: all targets of one parameter dtype are covered by **one launch per pass**. Each group keeps, on the
 device, a table of per-tensor base addresses (int64, cast in the kernel with ``.to(tl.pointer_type(...))``), numels and
@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.ops.mixout import as_int64, flat_view, mix_scale, stream_seed
+from lightning_robustft.ops.mixout._law import as_int64, flat_view, mix_scale, stream_seed
+
+__all__ = ["PHILOX_COLS", "TritonPasses", "block_rows", "kernels_interpreted"]
 
 PHILOX_COLS = 512
 """Columns of the Philox counter layout: part of the mask's definition (changing it changes every mask)."""
@@ -286,7 +287,7 @@ class TritonPasses:
         self._device = anchors[0].device
         if kernels_interpreted() != (self._device.type == "cpu"):
             mode, env = ("interpreted", "1") if kernels_interpreted() else ("compiled", "not 1")
-            raise RobustFTConfigError(
+            raise ValueError(
                 f"The GMixout Triton kernels were defined {mode} (TRITON_INTERPRET was {env} when they were first "
                 f"imported) but the targets are on {self._device}: interpreted kernels take CPU tensors, compiled "
                 "ones CUDA tensors. Set TRITON_INTERPRET before the first use in the process, or use backend='torch'."
@@ -318,7 +319,7 @@ class TritonPasses:
         """Scale the gradients by ``M*s``, one launch per dtype that has any."""
         for i, g in enumerate(grads):
             if g is not None and g.stride() != self._buffers[i].stride():
-                raise RobustFTConfigError(
+                raise ValueError(
                     f"`grads[{i}]` has strides {g.stride()} but its parameter {self._buffers[i].stride()}: the Triton "
                     "path needs gradients laid out like their parameters; use backend='torch'."
                 )
