@@ -18,7 +18,14 @@ from lightning_robustft.evaluation.loop import (
     resolve_id_set,
     trainer_validation_sets,
 )
-from lightning_robustft.evaluation.results import DIGITS, accuracy_row, check_set_names, round_row, write_results
+from lightning_robustft.evaluation.results import (
+    DIGITS,
+    accuracy_row,
+    check_set_names,
+    format_row,
+    round_row,
+    write_results,
+)
 
 __all__ = [
     "DIGITS",
@@ -27,6 +34,7 @@ __all__ = [
     "check_set_names",
     "dataloader_names",
     "evaluate_accuracy",
+    "format_row",
     "load_checkpoint",
     "load_into",
     "load_wiseft_endpoints",

@@ -17,7 +17,7 @@ from typing import Any
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.metrics import OOD_AVERAGE, ood_average
 
-__all__ = ["DIGITS", "accuracy_row", "check_set_names", "round_row", "write_results"]
+__all__ = ["DIGITS", "accuracy_row", "check_set_names", "format_row", "round_row", "write_results"]
 
 DIGITS = 6
 """Decimals of the accuracies in the files: they are float32 ratios, so 6 decimals keep every meaningful digit."""
@@ -38,6 +38,11 @@ def round_row(row: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, A
         key: round(value, DIGITS) if isinstance(value, float) and key not in keep else value
         for key, value in row.items()
     }
+
+
+def format_row(row: Mapping[str, float]) -> str:
+    """``"set=0.9123, ..."``: a row for the log, 4 decimals."""
+    return ", ".join(f"{key}={value:.4f}" for key, value in row.items())
 
 
 def check_set_names(names: Sequence[str], reserved: Collection[str]) -> None:

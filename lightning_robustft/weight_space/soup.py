@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.evaluation.checkpoint import load_checkpoint, load_into, save_weights_checkpoint
 from lightning_robustft.evaluation.loop import evaluate_accuracy, named_dataloaders, resolve_id_set
-from lightning_robustft.evaluation.results import accuracy_row, check_set_names, round_row, write_results
+from lightning_robustft.evaluation.results import accuracy_row, check_set_names, format_row, round_row, write_results
 from lightning_robustft.metrics import OOD_AVERAGE
 from lightning_robustft.ops.interpolate import average_state_dicts, check_compatible
 
@@ -49,7 +49,6 @@ __all__ = [
     "run_soup",
     "soup_checkpoint_name",
     "uniform_soup",
-    "write_soup_results",
 ]
 
 CheckpointLike: TypeAlias = "str | Path | Mapping[str, Any]"
@@ -410,7 +409,7 @@ def run_soup(
         reference = _check_ingredient(reference, source.label, state)
         load_into(module, state, source.label)
         accuracies.append(evaluate_accuracy(module, loaders, max_batches=max_batches))
-        rank_zero_info(f"Soup ingredient {source.label}: " + _format(accuracies[-1]))
+        rank_zero_info(f"Soup ingredient {source.label}: " + format_row(accuracies[-1]))
         del state
 
     steps = None
@@ -425,7 +424,7 @@ def run_soup(
         load_into(module, state, "the soup")
         chosen = list(range(len(sources)))
     soup_accuracy = evaluate_accuracy(module, loaders, max_batches=max_batches)
-    rank_zero_info(f"{method.capitalize()} soup of {len(chosen)}: " + _format(soup_accuracy))
+    rank_zero_info(f"{method.capitalize()} soup of {len(chosen)}: " + format_row(soup_accuracy))
 
     record = {
         "method": method,
@@ -450,7 +449,7 @@ def run_soup(
     }
     if steps is not None:
         summary["greedy_steps"] = [round_row(step) for step in steps]
-    write_soup_results(summary, output_dir)
+    write_results(summary, output_dir, "soup")
     return summary
 
 
@@ -458,12 +457,3 @@ def _row(
     index: int | None, name: str, in_soup: bool | None, accuracy: Mapping[str, float], id_set: str
 ) -> dict[str, Any]:
     return round_row({"index": index, "name": name, "in_soup": in_soup, **accuracy_row(accuracy, id_set)})
-
-
-def _format(accuracy: Mapping[str, float]) -> str:
-    return ", ".join(f"{key}={value:.4f}" for key, value in accuracy.items())
-
-
-def write_soup_results(summary: Mapping[str, Any], out_dir: str | Path) -> None:
-    """Write ``soup.csv`` (the rows) and ``soup.json`` (the whole summary) into ``out_dir``."""
-    write_results(summary, out_dir, "soup")

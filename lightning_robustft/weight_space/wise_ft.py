@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.evaluation.checkpoint import load_into, load_wiseft_endpoints, save_weights_checkpoint
 from lightning_robustft.evaluation.loop import ForwardContext, evaluate_accuracy, named_dataloaders, resolve_id_set
-from lightning_robustft.evaluation.results import accuracy_row, check_set_names, round_row, write_results
+from lightning_robustft.evaluation.results import accuracy_row, check_set_names, format_row, round_row, write_results
 from lightning_robustft.metrics import OOD_AVERAGE
 from lightning_robustft.ops.interpolate import interpolate_state_dicts
 from lightning_robustft.plotting import plot_id_vs_ood
@@ -111,7 +111,7 @@ def wiseft_sweep(
             module, dataloaders, device=device, max_batches=max_batches, forward_context=forward_context
         )
         rows.append({ALPHA_KEY: float(alpha), **accuracy_row(accuracy, id_set)})
-        rank_zero_info("WiSE-FT " + ", ".join(f"{key}={value:.4f}" for key, value in rows[-1].items()))
+        rank_zero_info("WiSE-FT " + format_row(rows[-1]))
     module.load_state_dict(dict(theta_1))
     return rows
 
