@@ -5,18 +5,22 @@ from lightning_robustft.callbacks import (
     GMixoutCallback,
     LoRACallback,
     LPFTCallback,
-    SoupResult,
     WeightPenaltyCallback,
     WiSEFTCallback,
-    greedy_soup,
-    run_soup,
-    run_wiseft,
-    uniform_soup,
 )
 from lightning_robustft.data import DemoDataModule, MultiDomainDataModule
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.models import ImageClassifier
-from lightning_robustft.ops import MixoutPasses, average_state_dicts, interpolate_state_dicts
+from lightning_robustft.ops import MixoutPasses
+from lightning_robustft.weight_space import (
+    SoupResult,
+    average_state_dicts,
+    greedy_soup,
+    interpolate_state_dicts,
+    run_soup,
+    run_wiseft,
+    uniform_soup,
+)
 
 __all__ = [
     "DemoDataModule",

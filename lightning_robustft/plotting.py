@@ -3,7 +3,7 @@
 Effective robustness is read off a plane with in-distribution accuracy on one axis and the average over the
 distribution-shifted sets on the other: fine-tuning moves a model right (better ID) and often down (less robust);
 WiSE-FT's weight-space interpolation traces a curve between the two endpoints that usually bows above the straight
-line. The figure is built with :class:`matplotlib.figure.Figure` on the Agg canvas, never through ``pyplot``, so it
+line. The figure is built with ``matplotlib.figure.Figure`` on the Agg canvas, never through ``pyplot``, so it
 needs no display, keeps no global state, and is safe to draw in a training process.
 """
 
@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_robustft.errors import RobustFTConfigError
+
+__all__ = ["DEFAULT_ENDPOINT_LABELS", "plot_id_vs_ood", "plot_method_comparison"]
 
 DEFAULT_ENDPOINT_LABELS: dict[float, str] = {0.0: "zero-shot", 1.0: "fine-tuned"}
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.interpolate import average_state_dicts, float_state_snapshot, interpolate_state_dicts
 
 
@@ -90,7 +89,7 @@ def test_mismatches_list_every_key() -> None:
     del theta_0["0.bias"]
     theta_0["extra.weight"] = torch.zeros(2)
     theta_0["2.weight"] = torch.zeros(4, 7)
-    with pytest.raises(RobustFTConfigError) as info:
+    with pytest.raises(ValueError) as info:
         interpolate_state_dicts(theta_0, theta_1, 0.5)
     message = str(info.value)
     assert "missing from theta_0: 0.bias" in message
@@ -101,14 +100,14 @@ def test_mismatches_list_every_key() -> None:
 def test_float_versus_integer_entry_is_a_mismatch() -> None:
     theta_0, theta_1 = _pair()
     theta_0 = dict(theta_0, **{"0.bias": torch.zeros(7, dtype=torch.long)})
-    with pytest.raises(RobustFTConfigError, match=r"0\.bias \(\(7,\) int64 vs \(7,\) float32"):
+    with pytest.raises(ValueError, match=r"0\.bias \(\(7,\) int64 vs \(7,\) float32"):
         interpolate_state_dicts(theta_0, theta_1, 0.5)
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), True, "0.5", None])
 def test_alpha_must_be_a_finite_number(alpha: object) -> None:
     theta_0, theta_1 = _pair()
-    with pytest.raises(RobustFTConfigError, match="`alpha`"):
+    with pytest.raises(ValueError, match="`alpha`"):
         interpolate_state_dicts(theta_0, theta_1, alpha)  # type: ignore[arg-type]
 
 
@@ -131,13 +130,13 @@ def test_uniform_and_weighted_averages() -> None:
 )
 def test_average_rejects_bad_weights(weights: list[float], match: str) -> None:
     dicts = [_model(seed).state_dict() for seed in range(3)]
-    with pytest.raises(RobustFTConfigError, match=match):
+    with pytest.raises(ValueError, match=match):
         average_state_dicts(dicts, weights=weights)
 
 
 def test_average_rejects_empty_and_mismatched() -> None:
-    with pytest.raises(RobustFTConfigError, match="empty"):
+    with pytest.raises(ValueError, match="empty"):
         average_state_dicts([])
     other = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 4)).state_dict()
-    with pytest.raises(RobustFTConfigError, match=r"mismatched in state_dicts\[1\]: 2\.weight"):
+    with pytest.raises(ValueError, match=r"mismatched in state_dicts\[1\]: 2\.weight"):
         average_state_dicts([_model(0).state_dict(), other])

@@ -12,17 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TinyNet
+from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_robustft.callbacks.model_soup import (
-    SOUP_KEY,
-    SoupResult,
-    greedy_soup,
-    run_soup,
-    uniform_soup,
-)
 from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.weight_space.soup import SOUP_KEY, SoupResult, greedy_soup, run_soup, uniform_soup
 
 
 class Dial(nn.Module):
@@ -262,17 +257,24 @@ def test_run_soup_with_an_image_classifier(image_folders: dict[str, Path], tmp_p
     dm = MultiDomainDataModule(image_folders["train"], val, batch_size=6, num_workers=0)
     dm.setup("validate")
     torch.manual_seed(0)
-    model = ImageClassifier(TinyBackbone(), class_names=dm.class_names, val_sets=list(val), print_table=False)
+    assert list(dm.class_subsets) == ["ood_subset"], "one set is scored among its own classes"
+    options = {"class_names": dm.class_names, "val_sets": list(val), "class_subsets": dm.class_subsets}
+    model = ImageClassifier(TinyBackbone(), print_table=False, **options)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     nudged = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
     summary = run_soup(model, [base, nudged], dm.val_dataloader(), method="uniform", output_dir=tmp_path)
     assert summary["id_set"] == "id" and summary["ood_sets"] == ["ood_full", "ood_subset"]
     assert [row["name"] for row in summary["rows"]] == ["checkpoints[0]", "checkpoints[1]", "uniform_soup"]
-    fresh = ImageClassifier(TinyBackbone(), class_names=dm.class_names, val_sets=list(val), print_table=False)
+    fresh = ImageClassifier(TinyBackbone(), print_table=False, **options)
     fresh.load_state_dict(torch.load(summary["checkpoint"], weights_only=True)["state_dict"])
     for name, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
-    assert all(0.0 <= row[name] <= 1.0 for row in summary["rows"] for name in val)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    validated = {key: value for logged in trainer.validate(model, dm, verbose=False) for key, value in logged.items()}
+    soup_row = summary["rows"][-1]
+    for name in val:
+        assert soup_row[name] == pytest.approx(validated[f"val/{name}/acc"], abs=1e-6), "the classifier's own metrics"
+    assert soup_row["ood_avg"] == pytest.approx(validated["val/ood_avg/acc"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -282,7 +284,7 @@ def test_checkpoint_argument_errors(sweep: dict[str, Any], tmp_path: Path) -> No
     with pytest.raises(RobustFTConfigError, match="list of checkpoint paths"):
         uniform_soup(str(sweep["paths"][0]))
     missing = tmp_path / "nowhere" / "gone.ckpt"
-    with pytest.raises(RobustFTConfigError, match=r"checkpoints\[1\].*nowhere/gone\.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoints\[1\].*nowhere/gone\.ckpt"):
         greedy_soup(TinyNet(), [sweep["paths"][0], missing], sweep["val"])
     with pytest.raises(RobustFTConfigError, match=r"`checkpoints\[0\]` is a int"):
         uniform_soup([3])
@@ -292,11 +294,11 @@ def test_checkpoint_argument_errors(sweep: dict[str, Any], tmp_path: Path) -> No
 
 def test_mismatched_checkpoints_are_named_with_their_keys(sweep: dict[str, Any], tmp_path: Path) -> None:
     wider = save(tmp_path / "wider.ckpt", TinyNet(hidden=13).state_dict())
-    with pytest.raises(RobustFTConfigError, match=r"wider\.ckpt.*backbone\.0\.weight") as error:
+    with pytest.raises(ValueError, match=r"wider\.ckpt.*backbone\.0\.weight") as error:
         uniform_soup([sweep["paths"][0], wider])
     assert str(sweep["paths"][0]) in str(error.value)
     extra = {**sweep["states"][0], "extra.weight": torch.ones(2)}
-    with pytest.raises(RobustFTConfigError, match=r"only in checkpoints\[1\]: extra\.weight"):
+    with pytest.raises(ValueError, match=r"only in checkpoints\[1\]: extra\.weight"):
         greedy_soup(TinyNet(), [sweep["states"][0], extra], sweep["val"])
     with pytest.raises(RobustFTConfigError, match="do not fit TinyNet"):
         greedy_soup(TinyNet(), [TinyNet(hidden=13).state_dict()], sweep["val"])

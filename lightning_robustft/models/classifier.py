@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.evaluation.loop import dataloader_names
 from lightning_robustft.metrics import (
     OOD_AVERAGE,
     MetricName,
@@ -315,11 +316,8 @@ class ImageClassifier(LightningModule):
 
     def _set_names(self, stage: str) -> list[str]:
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
-        if isinstance(loaders, Mapping):
-            return list(loaders)
         names = self.val_set_names if stage == "val" else list(getattr(self.trainer.datamodule, "test_set_names", []))
-        count = len(loaders) if isinstance(loaders, Sequence) else 1
-        return names[:count] if len(names) >= count else [f"{stage}_{i}" for i in range(count)]
+        return dataloader_names(loaders, names, prefix=stage)
 
     def update_val_metrics(self, set_name: str, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of logits to a set's validation metrics (restricted to the set's class subset, if any)."""

@@ -4,7 +4,8 @@ Pure functions over ``{name: tensor}`` mappings, no Lightning. Only floating-poi
 buffers (BatchNorm's ``num_batches_tracked``, index tables) have no meaningful midpoint, so they are taken from the
 model being deployed (``theta_1``, or the first state dict of a soup). Arithmetic runs in at least fp32, whatever the
 storage dtype, so fp16/bf16 weights do not lose the small differences between two nearby models, and the result is
-cast back to ``theta_1``'s dtype and device so it loads into the fine-tuned model unchanged.
+cast back to ``theta_1``'s dtype and device so it loads into the fine-tuned model unchanged. Bad input raises a
+plain ``ValueError`` (this layer does not import Lightning).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_robustft.errors import RobustFTConfigError
+__all__ = [
+    "average_state_dicts",
+    "check_compatible",
+    "float_state_snapshot",
+    "interpolate_state_dicts",
+]
 
 _MAX_LISTED = 20
 
@@ -40,7 +46,7 @@ def interpolate_state_dicts(theta_0: Mapping[str, Any], theta_1: Mapping[str, An
         (integer buffers, non-tensor extra state) taken from ``theta_1``.
 
     Raises:
-        RobustFTConfigError: ``alpha`` is not a finite number, or the state dicts disagree (the message lists the
+        ValueError: ``alpha`` is not a finite number, or the state dicts disagree (the message lists the
             missing, extra and mismatched keys).
 
     Example::
@@ -81,10 +87,10 @@ def average_state_dicts(
         A new state dict with every key of the first one.
 
     Raises:
-        RobustFTConfigError: no state dicts, a bad weight list, or state dicts that disagree (keys listed).
+        ValueError: no state dicts, a bad weight list, or state dicts that disagree (keys listed).
     """
     if len(state_dicts) == 0:
-        raise RobustFTConfigError("`state_dicts` is empty: give at least one state dict to average.")
+        raise ValueError("`state_dicts` is empty: give at least one state dict to average.")
     coefficients = _normalised_weights(weights, len(state_dicts))
     reference = state_dicts[0]
     others = {f"state_dicts[{i}]": sd for i, sd in enumerate(state_dicts[1:], start=1)}
@@ -120,7 +126,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_coefficient(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RobustFTConfigError(f"`{name}`={value!r} must be a finite number (0 gives theta_0, 1 gives theta_1).")
+        raise ValueError(f"`{name}`={value!r} must be a finite number (0 gives theta_0, 1 gives theta_1).")
     return float(value)
 
 
@@ -129,7 +135,7 @@ def _normalised_weights(weights: Sequence[float] | None, count: int) -> list[flo
         return [1.0 / count] * count
     values = [_check_coefficient(f"weights[{i}]", w) for i, w in enumerate(weights)]
     if len(values) != count or any(w < 0 for w in values) or sum(values) <= 0:
-        raise RobustFTConfigError(
+        raise ValueError(
             f"`weights`={list(weights)} must hold {count} non-negative numbers (one per state dict) with a "
             "positive sum."
         )
@@ -152,7 +158,7 @@ def check_compatible(
         others: ``{label: state dict}`` to compare with ``reference``; each label names its state dict in the error.
 
     Raises:
-        RobustFTConfigError: a state dict misses, adds or mismatches an entry (all problems listed in one message).
+        ValueError: a state dict misses, adds or mismatches an entry (all problems listed in one message).
     """
     problems = []
     for label, other in others.items():
@@ -167,7 +173,7 @@ def check_compatible(
             if keys:
                 problems.append(f"{kind} {label}: {_list_keys(keys)}")
     if problems:
-        raise RobustFTConfigError(
+        raise ValueError(
             "The state dicts do not describe the same model (floating-point entries must match in name and shape): "
             + "; ".join(problems)
             + ". Load both from the same architecture (and the same head size)."

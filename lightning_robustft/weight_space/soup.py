@@ -8,23 +8,21 @@ Models trained from *different* initialisations do not share a basin: their aver
 
 Two recipes, both after the fact on checkpoint files (or state dicts):
 
-* :func:`uniform_soup`: the plain average of every ingredient. Good when every fine-tune is good.
-* :func:`greedy_soup`: sort the ingredients by their own accuracy on the ID validation set, start from the best and
+* `uniform_soup`: the plain average of every ingredient. Good when every fine-tune is good.
+* `greedy_soup`: sort the ingredients by their own accuracy on the ID validation set, start from the best and
   add each next one only if the average with it does not lower the ID validation accuracy. A few bad runs (a too
   high learning rate, a diverged seed) are common in a sweep and drag a uniform soup down; the greedy soup leaves
   them out, and is never worse on the ID validation set than the best single ingredient.
 
-:func:`run_soup` evaluates every validation set (ID and OOD) for each ingredient and for the soup, writes
+`run_soup` evaluates every validation set (ID and OOD) for each ingredient and for the soup, writes
 ``soup.csv`` / ``soup.json`` and saves the soup as a weights-only checkpoint, like
-:func:`~lightning_robustft.callbacks.wise_ft.run_wiseft` does for WiSE-FT. Ingredients are read one at a time and
+`run_wiseft` does for WiSE-FT. Ingredients are read one at a time and
 the running mean is kept in float64 on the CPU, so memory stays at a few copies of one model however many
 ingredients there are, and a soup of identical checkpoints is bitwise that checkpoint.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +32,24 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_robustft.callbacks.wise_ft import (
-    evaluate_accuracy,
-    load_checkpoint_state_dict,
-    named_dataloaders,
-    resolve_id_set,
-    save_weights_checkpoint,
-)
 from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.metrics import OOD_AVERAGE, ood_average
+from lightning_robustft.evaluation.checkpoint import load_checkpoint, load_into, save_weights_checkpoint
+from lightning_robustft.evaluation.loop import evaluate_accuracy, named_dataloaders, resolve_id_set
+from lightning_robustft.evaluation.results import accuracy_row, check_set_names, format_row, round_row, write_results
+from lightning_robustft.metrics import OOD_AVERAGE
 from lightning_robustft.ops.interpolate import average_state_dicts, check_compatible
+
+__all__ = [
+    "SOUP_KEY",
+    "SOUP_METHODS",
+    "CheckpointLike",
+    "SoupMethod",
+    "SoupResult",
+    "greedy_soup",
+    "run_soup",
+    "soup_checkpoint_name",
+    "uniform_soup",
+]
 
 CheckpointLike: TypeAlias = "str | Path | Mapping[str, Any]"
 """A checkpoint file (Lightning checkpoint or bare state dict), a loaded checkpoint dict, or a state dict."""
@@ -52,15 +58,14 @@ SoupMethod = Literal["uniform", "greedy"]
 SOUP_METHODS: tuple[str, ...] = ("uniform", "greedy")
 
 SOUP_KEY = "model_soup"
-"""Checkpoint key under which :func:`run_soup` records the method and the ingredients of the saved soup."""
+"""Checkpoint key under which `run_soup` records the method and the ingredients of the saved soup."""
 
 _RESERVED_COLUMNS = ("index", "name", "in_soup", OOD_AVERAGE)
-_DIGITS = 6  # accuracies in the files: float32 ratios, so 6 decimals keep every meaningful digit
 
 
 @dataclass
 class SoupResult:
-    """What :func:`greedy_soup` chose, and why.
+    """What `greedy_soup` chose, and why.
 
     Attributes:
         state_dict: the soup's weights (CPU tensors; floating-point entries in the ingredients' dtype).
@@ -97,11 +102,7 @@ class _Source:
 
     def load(self, weights_only: bool) -> dict[str, Any]:
         """The checkpoint as a dict with a ``"state_dict"`` entry (a bare state dict is wrapped)."""
-        if isinstance(self.item, Mapping):
-            if isinstance(self.item.get("state_dict"), Mapping):
-                return dict(self.item)
-            return {"state_dict": self.item}
-        return load_checkpoint_state_dict(self.item, weights_only)
+        return load_checkpoint(self.item, weights_only)
 
 
 def _sources(checkpoints: Sequence[CheckpointLike]) -> list[_Source]:
@@ -120,7 +121,7 @@ def _sources(checkpoints: Sequence[CheckpointLike]) -> list[_Source]:
             sources.append(_Source(f"checkpoints[{index}]", item))
         elif isinstance(item, (str, Path)):
             if not Path(item).is_file():
-                raise RobustFTConfigError(
+                raise FileNotFoundError(
                     f"`checkpoints[{index}]`: checkpoint path {str(item)!r} does not exist or is not a file."
                 )
             sources.append(_Source(str(item), item))
@@ -147,16 +148,6 @@ def _check_ingredient(
         return label, _skeleton(state)
     check_compatible(reference[0], reference[1], {label: state})
     return reference
-
-
-def _load_into(module: nn.Module, state: Mapping[str, Any], label: str) -> None:
-    try:
-        module.load_state_dict(dict(state))
-    except RuntimeError as error:
-        raise RobustFTConfigError(
-            f"The weights of {label} do not fit {type(module).__name__}: {error}. Build the module with the "
-            "architecture of the checkpoints."
-        ) from error
 
 
 # ------------------------------------------------------------------------------------------- the running mean
@@ -193,7 +184,7 @@ def uniform_soup(checkpoints: Sequence[CheckpointLike], *, weights_only: bool = 
 
     It needs no validation data and uses every ingredient, which is what you want when all of them are good
     fine-tunes of the **same** pretrained model (a hyperparameter sweep from one initialisation). One bad ingredient
-    (a diverged run) pulls the whole average down: use :func:`greedy_soup` when that can happen.
+    (a diverged run) pulls the whole average down: use `greedy_soup` when that can happen.
 
     Floating-point tensors are averaged (in float64, cast back to their dtype); integer buffers (BatchNorm's
     ``num_batches_tracked``) and other non-float entries are taken from the first checkpoint. The ingredients are
@@ -267,7 +258,7 @@ def greedy_soup(
         weights_only: passed to ``torch.load`` when reading files.
 
     Returns:
-        A :class:`SoupResult`: the ingredients chosen, every checkpoint's own ID accuracy, the soup's ID accuracy,
+        A `SoupResult`: the ingredients chosen, every checkpoint's own ID accuracy, the soup's ID accuracy,
         the greedy trace and the state dict.
 
     Raises:
@@ -290,7 +281,7 @@ def greedy_soup(
     for source in sources:
         state = source.load(weights_only)["state_dict"]
         reference = _check_ingredient(reference, source.label, state)
-        _load_into(module, state, source.label)
+        load_into(module, state, source.label)
         scores.append(evaluate_accuracy(module, id_loader, max_batches=max_batches)[resolved_id])
         rank_zero_info(f"Greedy soup: {source.label} alone: {resolved_id}={scores[-1]:.4f}")
     return _greedy(module, sources, scores, id_loader, max_batches, weights_only)[0]
@@ -319,7 +310,7 @@ def _greedy(
     steps = [{"index": best, "name": sources[best].label, "id_acc": accuracy, "added": True}]
     for index in order[1:]:
         trial = _add_to_mean(mean, len(chosen), sources[index].load(weights_only)["state_dict"])
-        _load_into(module, _cast_like(trial, skeleton), f"the soup with {sources[index].label}")
+        load_into(module, _cast_like(trial, skeleton), f"the soup with {sources[index].label}")
         trial_accuracy = evaluate_accuracy(module, id_loader, max_batches=max_batches)[id_name]
         added = trial_accuracy >= accuracy
         if added:
@@ -331,7 +322,7 @@ def _greedy(
             + (f"added ({len(chosen)} ingredients)" if added else f"left out (soup stays at {accuracy:.4f})")
         )
     state = _cast_like(mean, skeleton)
-    _load_into(module, state, "the soup")
+    load_into(module, state, "the soup")
     result = SoupResult(
         state_dict=state,
         ingredients=chosen,
@@ -388,7 +379,7 @@ def run_soup(
             pretrained model.
         dataloaders: validation loaders: ``{set name: loader}``, a list (named by ``module.val_set_names`` or
             ``val_<i>``) or one loader.
-        method: ``"greedy"`` (:func:`greedy_soup`, chosen on the ID set) or ``"uniform"`` (:func:`uniform_soup`).
+        method: ``"greedy"`` (`greedy_soup`, chosen on the ID set) or ``"uniform"`` (`uniform_soup`).
         output_dir: where ``soup.csv`` / ``soup.json`` / ``soup_<method>.ckpt`` go.
         id_set: the ID set (default: ``module.id_set`` or the first set); the others are OOD.
         device: move the module there to evaluate (default: where it is).
@@ -407,9 +398,7 @@ def run_soup(
     sources = _sources(checkpoints)
     loaders = named_dataloaders(dataloaders, getattr(module, "val_set_names", None))
     resolved_id = resolve_id_set(list(loaders), id_set or getattr(module, "id_set", None))
-    for reserved in _RESERVED_COLUMNS:
-        if reserved in loaders:
-            raise RobustFTConfigError(f"A validation set is named {reserved!r}; rename it (that name is a column).")
+    check_set_names(list(loaders), _RESERVED_COLUMNS)
     if device is not None:
         module.to(device)
 
@@ -418,9 +407,9 @@ def run_soup(
     for source in sources:
         state = source.load(weights_only)["state_dict"]
         reference = _check_ingredient(reference, source.label, state)
-        _load_into(module, state, source.label)
+        load_into(module, state, source.label)
         accuracies.append(evaluate_accuracy(module, loaders, max_batches=max_batches))
-        rank_zero_info(f"Soup ingredient {source.label}: " + _format(accuracies[-1]))
+        rank_zero_info(f"Soup ingredient {source.label}: " + format_row(accuracies[-1]))
         del state
 
     steps = None
@@ -432,10 +421,10 @@ def run_soup(
         chosen, steps = result.ingredients, result.steps
     else:
         state, metadata = _uniform(sources, weights_only)
-        _load_into(module, state, "the soup")
+        load_into(module, state, "the soup")
         chosen = list(range(len(sources)))
     soup_accuracy = evaluate_accuracy(module, loaders, max_batches=max_batches)
-    rank_zero_info(f"{method.capitalize()} soup of {len(chosen)}: " + _format(soup_accuracy))
+    rank_zero_info(f"{method.capitalize()} soup of {len(chosen)}: " + format_row(soup_accuracy))
 
     record = {
         "method": method,
@@ -459,33 +448,12 @@ def run_soup(
         "rows": rows,
     }
     if steps is not None:
-        summary["greedy_steps"] = [{**step, "id_acc": round(step["id_acc"], _DIGITS)} for step in steps]
-    write_soup_results(summary, output_dir)
+        summary["greedy_steps"] = [round_row(step) for step in steps]
+    write_results(summary, output_dir, "soup")
     return summary
 
 
 def _row(
     index: int | None, name: str, in_soup: bool | None, accuracy: Mapping[str, float], id_set: str
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"index": index, "name": name, "in_soup": in_soup}
-    row.update({key: round(value, _DIGITS) for key, value in accuracy.items()})
-    average = ood_average({key: {"acc": value} for key, value in accuracy.items()}, id_set)
-    if average is not None:
-        row[OOD_AVERAGE] = round(average, _DIGITS)
-    return row
-
-
-def _format(accuracy: Mapping[str, float]) -> str:
-    return ", ".join(f"{key}={value:.4f}" for key, value in accuracy.items())
-
-
-def write_soup_results(summary: Mapping[str, Any], out_dir: str | Path) -> None:
-    """Write ``soup.csv`` (the rows) and ``soup.json`` (the whole summary) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = summary["rows"]
-    with open(out / "soup.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "soup.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return round_row({"index": index, "name": name, "in_soup": in_soup, **accuracy_row(accuracy, id_set)})
