@@ -224,6 +224,21 @@ def test_wilds_splits_by_name(tmp_path):
     assert sorted(labels.tolist()) == [0, 2]
 
 
+def test_iwildcam_recipe_reads_the_wilds_splits(tmp_path):
+    """configs/clip_iwildcam.yaml's data section, on a fake WILDS copy: every split it names exists."""
+    root = write_fake_iwildcam(tmp_path / "wilds")
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "clip_iwildcam.yaml").read_text())
+    init_args = {**config["data"]["init_args"], "wilds_root": str(root), "num_workers": 0}
+    data = MultiDomainDataModule(**init_args)
+    assert data.val_set_names == ["id_val", "ood_val"] and data.test_set_names == ["id_test", "ood_test"]
+    assert data.class_names == ["empty", "tayassu pecari", "puma concolor"]
+    data.setup("test")
+    assert {name: len(loader.dataset) for name, loader in data.test_dataloader().items()} == {
+        "id_test": 1,
+        "ood_test": 1,
+    }
+
+
 def test_wilds_errors_name_the_fix(tmp_path):
     root = write_fake_iwildcam(tmp_path / "wilds", with_categories=False)
     assert WildsSet("iwildcam", "train", root).classes == ["0", "1", "2"]  # no categories.csv: indices
