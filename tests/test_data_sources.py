@@ -239,6 +239,33 @@ def test_iwildcam_recipe_reads_the_wilds_splits(tmp_path):
     }
 
 
+def test_camelyon17_splits_and_class_names(tmp_path):
+    """A second WILDS layout (patches named by patient, node and position; OOD splits by hospital)."""
+    pytest.importorskip("wilds")
+    folder = tmp_path / "wilds" / "camelyon17_v1.0"
+    rows = [",patient,node,x_coord,y_coord,tumor,slide,center,split"]
+    # (center, split, tumor): centers 1 and 2 are WILDS's OOD val and test hospitals; split 1 marks ID val.
+    layout = [(0, 0, 0), (0, 0, 1), (0, 1, 1), (1, 0, 0), (2, 0, 1), (2, 0, 0)]
+    for i, (center, split, tumor) in enumerate(layout):
+        patch = folder / "patches" / f"patient_00{i}_node_0" / f"patch_patient_00{i}_node_0_x_{i}_y_{i}.png"
+        patch.parent.mkdir(parents=True)
+        _images(1, size=12, seed=i)[0].save(patch)
+        rows.append(f"{i},00{i},0,{i},{i},{tumor},{i},{center},{split}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    (folder / "RELEASE_v1.0.txt").write_text("fake\n")
+    data = MultiDomainDataModule(
+        "wilds:camelyon17:train",
+        {"id_val": "wilds:camelyon17:id_val", "val": "wilds:camelyon17:val", "test": "wilds:camelyon17:test"},
+        wilds_root=tmp_path / "wilds",
+        num_workers=0,
+    )
+    assert data.class_names == ["normal", "tumor"]
+    data.setup("fit")
+    labels = {name: torch.cat([y for _, y in loader]).tolist() for name, loader in data.val_dataloader().items()}
+    assert labels == {"id_val": [1], "val": [0], "test": [1, 0]}
+    assert len(data.train_dataloader().dataset) == 2
+
+
 def test_wilds_errors_name_the_fix(tmp_path):
     root = write_fake_iwildcam(tmp_path / "wilds", with_categories=False)
     assert WildsSet("iwildcam", "train", root).classes == ["0", "1", "2"]  # no categories.csv: indices
