@@ -97,6 +97,17 @@ def test_datasets_by_class_path_in_yaml_for_every_set(tmp_path, image_folders):
     assert predicted.datamodule.predict_sources["predict"].split == "noisy"
 
 
+def test_class_path_that_does_not_fit_says_so(tmp_path):
+    """Wrong init_args must not end as "path ... does not exist" (the parser's fallback to a string or a dict)."""
+    broken = {"class_path": DEMO, "init_args": {"split": "train", "no_such_argument": 1}}
+    good = {"class_path": DEMO, "init_args": {"split": "id_val"}}
+    message = r"Set '(train|ood)' is a `class_path` mapping that could not be turned into a dataset.*no_such_arg"
+    for data_args in ({"train": broken, "val": {"id": good}}, {"train": good, "val": {"id": good, "ood": broken}}):
+        config = _cli_config(tmp_path, data_args)
+        with pytest.raises(Exception, match=message):
+            cli_main(["predict", "--config", str(config)])
+
+
 def test_user_dataset_without_classes_by_class_path_needs_classes(tmp_path):
     """torchvision's FakeData has no `classes`: the class list comes from `classes=`, and the error says so."""
     from torchvision.datasets import FakeData

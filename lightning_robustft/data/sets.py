@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils.data import Dataset
@@ -86,11 +86,27 @@ def resolve_source(set_name: str, source: Any, wilds_root: str | os.PathLike | N
         from lightning_robustft.data.wilds import WildsSet
 
         return WildsSet.from_spec(set_name, source[len(WILDS_PREFIX) :], wilds_root)
+    if isinstance(source, str) and "class_path" in source and source.lstrip().startswith("{"):
+        raise_unparsed_class_path(set_name, source)
     if isinstance(source, (str, os.PathLike)):
         return Path(source).expanduser()
     raise RobustFTConfigError(
         f"Set {set_name!r}: expected a folder path, a torch Dataset (a `class_path` in YAML), a Hugging Face dataset "
         f"or a '{HF_PREFIX}...' / '{WILDS_PREFIX}...' string; got {type(source).__name__}."
+    )
+
+
+def raise_unparsed_class_path(set_name: str, text: str) -> NoReturn:
+    """Explain a ``class_path`` mapping that the CLI could not turn into a dataset.
+
+    When the class cannot be imported or its ``init_args`` do not fit, jsonargparse falls back to the next type of the
+    set's union and hands over the mapping as a string (or as a dict of sets named ``class_path`` and ``init_args``);
+    a "path does not exist" error would hide the real problem.
+    """
+    raise RobustFTConfigError(
+        f"Set {set_name!r} is a `class_path` mapping that could not be turned into a dataset: {text[:200]}. Check that "
+        "the class imports from where `robustft` runs (`python -c 'import <module>'`), that it is a "
+        "torch.utils.data.Dataset, and that its `init_args` match its signature."
     )
 
 
