@@ -162,6 +162,8 @@ def test_hf_columns_are_configurable_and_errors_say_what_to_do(hf_saved, tmp_pat
     datasets = pytest.importorskip("datasets")
     with pytest.raises(RobustFTConfigError, match=r"splits \['train', 'test'\]"):
         HFImageSet(str(hf_saved["dict"]))
+    with pytest.raises(RobustFTConfigError, match=r"'.*nowhere' could not be loaded"):
+        MultiDomainDataModule(f"hf:{tmp_path / 'nowhere'}", {"id": hf_saved["test"]})
     # Two image columns and an integer label: the defaults cannot tell, so the columns must be named.
     two = datasets.Dataset.from_dict(
         {"a": _images(2), "b": _images(2, seed=3), "target": [1, 0]},
