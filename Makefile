@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/pip install -c constraints.txt -e ".[test,docs,demo,timm,lora]"
+	$(BIN)/pip install -c constraints.txt -e ".[test,docs,demo,timm,lora,hf,wilds]"
 	touch $@
 
 install: $(VENV)/.installed

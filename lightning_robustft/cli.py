@@ -8,10 +8,15 @@ set names, ID set and class subsets are linked into the model, so a YAML file st
 
 from __future__ import annotations
 
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_robustft.data.multi_domain import MultiDomainDataModule
 from lightning_robustft.models.classifier import ImageClassifier
+from lightning_robustft.prediction import PredictionWriter
 
 #: data-module attribute -> ImageClassifier argument, filled in when the data module is instantiated.
 DATA_TO_MODEL_LINKS: dict[str, str] = {
@@ -29,6 +34,16 @@ class RobustFTCLI(LightningCLI):
         """Link the data module's class list and set names into the model's arguments."""
         for source, target in DATA_TO_MODEL_LINKS.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Build the trainer; ``predict`` gets a :class:`PredictionWriter` unless a prediction writer is configured.
+
+        Without one, ``trainer.predict`` computes every prediction and the command ends with nothing saved.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter())
+        return trainer
 
 
 def cli_main(args: ArgsType = None) -> RobustFTCLI:

@@ -20,6 +20,7 @@ class DemoDataModule(MultiDomainDataModule):
         eval_batch_size: evaluation batch size.
         num_workers: dataloader workers (0 is fastest for these small in-memory sets).
         augment: augmentation policy in front of the backbone's preprocessing.
+        predict: the demo split that ``predict`` runs on (any name of ``DEMO_SETS``).
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class DemoDataModule(MultiDomainDataModule):
         eval_batch_size: int | None = 256,
         num_workers: int = 0,
         augment: Augment = "none",
+        predict: str = "id_test",
     ) -> None:
         from lightning_robustft.data.demo import DEMO_OOD_SETS, DemoDigits
 
@@ -42,6 +44,7 @@ class DemoDataModule(MultiDomainDataModule):
             val={"id": DemoDigits("id_val", seed=seed), **{name: DemoDigits(name, seed=seed) for name in chosen}},
             id_set="id",
             test={"id": DemoDigits("id_test", seed=seed)},
+            predict={predict: DemoDigits(predict, seed=seed)},
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
