@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from lightning_robustft.data import demo
-from lightning_robustft.data.demo import DEMO_OOD_SETS, DEMO_SETS, DemoDigits
+from lightning_robustft.data.demo import DEMO_OOD_SETS, DEMO_OOD_TEST_SETS, DEMO_SETS, DemoDigits
 from lightning_robustft.errors import RobustFTConfigError
 
 POOLS = ("pretrain", "train", "id_val", "id_test", DEMO_OOD_SETS[0])
@@ -21,6 +21,17 @@ def test_pools_are_disjoint_and_ood_sets_share_one_pool(seed):
         assert set(demo.source_indices(name, seed).tolist()) == rows[DEMO_OOD_SETS[0]]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ood_test_sets_render_the_id_test_digits_and_nothing_used_for_training_or_selection(seed):
+    id_test = demo.source_indices("id_test", seed)
+    for name in DEMO_OOD_TEST_SETS:
+        rows = demo.source_indices(name, seed)
+        np.testing.assert_array_equal(rows, id_test)
+        for other in ("pretrain", "train", "id_val", *DEMO_OOD_SETS):
+            assert not set(rows.tolist()) & set(demo.source_indices(other, seed).tolist()), (name, other)
+    np.testing.assert_array_equal(demo.render_split("clean_test", seed)[1], demo.render_split("id_test", seed)[1])
+
+
 def test_pretrain_pool_does_not_depend_on_the_seed_but_the_others_do():
     # The shipped checkpoint saw seed 0's pretrain pool: no seed may evaluate on those images.
     np.testing.assert_array_equal(demo.source_indices("pretrain", 0), demo.source_indices("pretrain", 5))
@@ -30,7 +41,7 @@ def test_pretrain_pool_does_not_depend_on_the_seed_but_the_others_do():
         assert not pretrain & set(demo.source_indices(split, 5).tolist())
 
 
-@pytest.mark.parametrize("split", ["train", "rotated", "noisy", "textured"])
+@pytest.mark.parametrize("split", ["train", "rotated", "noisy", "blurred", "textured", "rotated_test"])
 def test_same_seed_gives_identical_pixels_and_another_seed_does_not(split):
     cached, labels = demo.render_split(split, 3)
     fresh, fresh_labels = demo.render_split.__wrapped__(split, 3)  # bypass the cache: really re-render
@@ -55,6 +66,8 @@ def test_sizes_balance_and_items(split):
 def test_names_and_constants():
     assert DemoDigits.sets() == DEMO_SETS
     assert DemoDigits.ood_sets() == DEMO_OOD_SETS
+    assert DemoDigits.ood_test_sets() == DEMO_OOD_TEST_SETS == tuple(f"{name}_test" for name in DEMO_OOD_SETS)
+    assert set(DEMO_OOD_TEST_SETS) <= set(DEMO_SETS)
     assert len(DEMO_OOD_SETS) >= 4
     assert len(set(DEMO_SETS)) == len(DEMO_SETS)
     assert all("{}" in template for template in demo.DEMO_TEMPLATES)
@@ -85,6 +98,21 @@ def test_styles_are_what_the_docs_say():
     assert np.abs(rotated - clean).mean() > 20
 
 
+@pytest.mark.parametrize("family", [DEMO_OOD_SETS, DEMO_OOD_TEST_SETS], ids=["val", "test"])
+def test_every_shift_really_changes_every_image(family):
+    clean_name, *shifts = family
+    clean = demo.render_split(clean_name)[0].astype(float)
+    # Mean absolute pixel change of every single image, in grey levels: the weakest shift (blur) still moves each
+    # image by 6 or more on average over its mostly black canvas; the others by 10 (rotation) to 230 (inversion).
+    for name in shifts:
+        shifted = demo.render_split(name)[0].astype(float)
+        change = np.abs(shifted - clean).mean(axis=(1, 2, 3))
+        assert change.min() > 5.0, name
+    id_style = demo.render_split("id_test")[0].astype(float)
+    if clean_name == "clean_test":  # same digits as id_test: the ID style differs from the plain one everywhere
+        assert np.abs(id_style - clean).mean(axis=(1, 2, 3)).min() > 100
+
+
 def test_affine_identity_and_quarter_turn():
     rng = np.random.default_rng(0)
     images = rng.random((3, 32, 32)).astype(np.float32)
@@ -92,6 +120,35 @@ def test_affine_identity_and_quarter_turn():
     np.testing.assert_allclose(same, images, atol=1e-5)
     turned = demo.affine(images, np.full(3, 90.0))  # positive angles turn counter-clockwise on screen
     np.testing.assert_allclose(turned, np.rot90(images, k=1, axes=(1, 2)), atol=1e-4)
+    rgb = rng.random((2, 32, 32, 3)).astype(np.float32)  # channel-last RGB keeps its layout
+    np.testing.assert_allclose(demo.affine(rgb, np.full(2, -90.0)), np.rot90(rgb, k=-1, axes=(1, 2)), atol=1e-4)
+
+
+def test_affine_shifts_right_and_down_and_zooms_about_the_centre():
+    dot = np.zeros((1, 32, 32), np.float32)
+    dot[0, 10, 12] = 1.0
+    moved = demo.affine(dot, np.zeros(1), shift=np.array([[3.0, 2.0]], np.float32))
+    assert moved[0, 12, 15] == pytest.approx(1.0) and moved.sum() == pytest.approx(1.0)
+    half = demo.affine(dot, np.zeros(1), shift=np.array([[0.5, 0.0]], np.float32))  # bilinear: split over 2 px
+    np.testing.assert_allclose(half[0, 10, 12:14], [0.5, 0.5], atol=1e-5)
+    square = np.zeros((1, 32, 32), np.float32)
+    square[0, 12:20, 12:20] = 1.0  # 8 px wide, centred
+    zoomed = demo.affine(square, np.zeros(1), scale=np.array([2.0]))
+    assert zoomed.sum() == pytest.approx(4 * square.sum(), rel=0.05)  # twice the side, four times the area
+    assert zoomed[0, 15, 15] == 1.0 and zoomed[0, 2, 2] == 0.0
+
+
+def test_dilate_grows_a_cross_and_erode_undoes_it_away_from_the_border():
+    dot = np.zeros((1, 9, 9), np.float32)
+    dot[0, 4, 4] = 1.0
+    plus = demo.dilate(dot)
+    assert plus.sum() == 5 and plus[0, 3:6, 4].tolist() == [1, 1, 1] and plus[0, 3, 3] == 0  # no diagonals
+    assert demo.dilate(dot, radius=2).sum() == 13  # a diamond of radius 2
+    np.testing.assert_array_equal(demo.erode(plus), dot)
+    full = np.ones((1, 9, 9), np.float32)  # ink up to the border: outside counts as ink, nothing is eaten
+    np.testing.assert_array_equal(demo.erode(full, radius=2), full)
+    grey = np.full((1, 9, 9), 0.4, np.float32)
+    np.testing.assert_allclose(demo.dilate(grey), grey)  # grey-level: a flat mask stays flat
 
 
 def test_blur_keeps_constant_images_and_sigma_zero_is_identity():
@@ -102,6 +159,17 @@ def test_blur_keeps_constant_images_and_sigma_zero_is_identity():
     np.testing.assert_allclose(demo.gaussian_blur(flat, np.array([1.0, 2.0])), flat, atol=1e-5)
     blurred = demo.gaussian_blur(images, np.array([1.5, 1.5]))
     assert blurred.std() < images.std() / 2
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.4])
+def test_blur_spreads_a_point_with_the_requested_sigma(sigma):
+    dot = np.zeros((1, 32, 32), np.float32)
+    dot[0, 16, 16] = 1.0
+    spread = demo.gaussian_blur(dot, np.array([sigma]))[0]
+    assert spread.sum() == pytest.approx(1.0, abs=1e-5)
+    offsets = np.arange(32) - 16
+    assert (spread.sum(axis=0) * offsets**2).sum() == pytest.approx(sigma**2, rel=0.05)  # variance along x
+    np.testing.assert_allclose(spread, spread.T, atol=1e-6)  # isotropic
 
 
 def test_outline_is_hollow():

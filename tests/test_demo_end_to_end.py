@@ -34,13 +34,20 @@ def test_zero_shot_head_classifies_the_demo_well_above_chance(tmp_path):
     assert metrics["val/ood_avg/acc"] > 0.5
 
 
+def test_demo_data_module_tests_on_every_shift_it_validates_on():
+    data = DemoDataModule()
+    assert data.test_set_names == data.val_set_names == ["id", *DEMO_OOD_SETS]
+    some = DemoDataModule(ood_sets=["rotated", "inverted"])
+    assert some.test_set_names == some.val_set_names == ["id", "rotated", "inverted"]
+
+
 def test_demo_data_module_rejects_unknown_shifts():
     with pytest.raises(RobustFTConfigError, match="ood_sets"):
         DemoDataModule(ood_sets=["snow"])
 
 
 @pytest.mark.slow
-def test_demo_config_fits_from_the_cli(tmp_path):
+def test_demo_config_fits_and_tests_every_set_from_the_cli(tmp_path):
     cli = cli_main(
         [
             "fit",
@@ -53,7 +60,22 @@ def test_demo_config_fits_from_the_cli(tmp_path):
     )
     metrics = cli.trainer.callback_metrics
     assert {f"val/{name}/acc" for name in ("id", "ood_avg", *DEMO_OOD_SETS)} <= set(metrics)
-    assert list(tmp_path.rglob("*.ckpt"))
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+
+    tested = cli_main(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "--ckpt_path",
+            str(checkpoint),
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    test_metrics = tested.trainer.callback_metrics
+    assert {f"test/{name}/acc" for name in ("id", "ood_avg", *DEMO_OOD_SETS)} <= set(test_metrics)
+    ood = [float(test_metrics[f"test/{name}/acc"]) for name in DEMO_OOD_SETS]
+    assert float(test_metrics["test/ood_avg/acc"]) == pytest.approx(sum(ood) / len(ood), abs=1e-6)
 
 
 @pytest.mark.slow

