@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_robustft._validation import check_number
 from lightning_robustft.callbacks import (
     DropoutHeadCallback,
     GMixoutCallback,
@@ -28,7 +29,7 @@ from lightning_robustft.callbacks import (
     WeightPenaltyCallback,
     WiSEFTCallback,
 )
-from lightning_robustft.errors import RobustFTConfigError, RobustFTConfigTypeError
+from lightning_robustft.errors import RobustFTConfigError, RobustFTConfigTypeError, check_config_number
 
 # The lead removes these marks once gmixout.py / wise_ft.py use `check_config_number` (see the merge notes).
 PENDING_GMIXOUT = pytest.mark.xfail(strict=True, reason="gmixout.py does not use check_config_number yet")
@@ -184,3 +185,53 @@ def test_a_fit_resumed_without_the_callbacks_tensors_warns_other_stages_do_not(m
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         callback.on_load_checkpoint(validating, TinyNet(), {"state_dict": {}})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The one numeric check behind every constructor (and ops/, with plain Python errors)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "interval", "integer", "expected"),
+    [
+        (0, "[0, 1)", False, 0.0),
+        (1, "[0, 1]", False, 1.0),
+        (0.5, "(0, 1)", False, 0.5),
+        (3, "[1, inf)", True, 3),
+        (1e300, "(0, inf)", False, 1e300),
+    ],
+)
+def test_check_number_accepts_the_interval(value: Any, interval: str, integer: bool, expected: Any) -> None:
+    got = check_number("x", value, interval, integer=integer)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "interval", "integer", "error", "message"),
+    [
+        (1.0, "[0, 1)", False, ValueError, r"`x`=1.0 must be a number in \[0, 1\) \(why\)\.$"),
+        (0, "(0, 1]", False, ValueError, r"`x`=0 must be a number in \(0, 1\]"),
+        (float("nan"), "[0, 1]", False, ValueError, r"`x`=nan must be a number in \[0, 1\]"),
+        (float("inf"), "[0, inf)", False, ValueError, r"`x`=inf must be a finite number >= 0"),
+        (0, "(0, inf)", False, ValueError, r"`x`=0 must be a finite number > 0"),
+        (0, "[1, inf)", True, ValueError, r"`x`=0 must be an integer >= 1"),
+        (1.0, "[1, inf)", True, TypeError, r"`x`=1.0 must be an integer >= 1 \(why\), not float\.$"),
+        (True, "[0, 1]", False, TypeError, r"`x`=True must be a number in \[0, 1\] \(why\), not bool\.$"),
+        ("1", "[0, 1]", False, TypeError, r"`x`='1' must be a number .*, not str\.$"),
+    ],
+)
+def test_check_number_refuses_with_the_allowed_values(
+    value: Any, interval: str, integer: bool, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message) as info:
+        check_number("x", value, interval, integer=integer, hint="why")
+    assert not isinstance(info.value, RobustFTConfigError)
+    config_error = RobustFTConfigTypeError if error is TypeError else RobustFTConfigError
+    with pytest.raises(config_error, match=message):
+        check_config_number("x", value, interval, integer=integer, hint="why")
+
+
+def test_check_number_refuses_a_malformed_interval() -> None:
+    with pytest.raises(ValueError, match=r"interval '0 to 1' is not of the form"):
+        check_number("x", 0.5, "0 to 1")
