@@ -235,3 +235,21 @@ def test_check_number_refuses_with_the_allowed_values(
 def test_check_number_refuses_a_malformed_interval() -> None:
     with pytest.raises(ValueError, match=r"interval '0 to 1' is not of the form"):
         check_number("x", 0.5, "0 to 1")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: DropoutHeadCallback(p=0.9), lambda: LoRACallback(r=2)],
+    ids=["dropout_head", "lora"],
+)
+def test_a_fit_with_nothing_to_train_leaves_the_plain_model(make: Callable[[], Callback], tmp_path: Any) -> None:
+    # limit_train_batches=0 (like resuming a finished run) makes Lightning skip on_train_start / on_train_end.
+    model = TinyNet()
+    before = state_copy(model)
+    make_epoch_trainer([make()], 1, tmp_path, limit_train_batches=0).fit(model, _loader())
+    assert list(model.state_dict()) == list(before), "no LoRA keys left"
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    model.train()
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(model(x), model(x))  # no dropout hook left on the head

@@ -18,12 +18,15 @@ The convention, hook by hook (a callback leaves out the hooks it does not need):
 * ``on_train_start``: tensors that need the model on its device and any checkpoint restored (anchors).
 * **Giving the module back.** Whatever a callback changed on the module (hooks, adapters, ``requires_grad`` flags,
   norm modes, swapped weights) is given back by one idempotent method, called from ``on_train_end`` (a fit that
-  ends: later callbacks, ``on_fit_end``, checkpoints and the user see the plain model) and from ``on_exception`` (a
-  fit that fails: Lightning then calls neither ``on_train_end`` nor ``teardown``). Weights swapped for a training
+  ends: later callbacks, ``on_fit_end``, checkpoints and the user see the plain model), from ``on_exception`` (a
+  fit that fails: Lightning then calls neither ``on_train_end`` nor ``teardown``) and, for what ``setup`` changed,
+  from ``teardown`` (a fit with nothing to train, e.g. resumed from a finished run or ``limit_train_batches=0``:
+  Lightning then skips ``on_train_start`` and ``on_train_end``). Weights swapped for a training
   step (GMixout's ``w~``) are given back when the step ends and, at the latest, in ``on_train_epoch_end``: so a
   callback that reads the final weights in its own ``on_train_end`` (WiSE-FT) sees ``w`` whatever its place in
   ``trainer.callbacks``.
-* ``teardown``: frees the callback's own memory (moves anchors off the accelerator); never touches the module.
+* ``teardown``: frees the callback's own memory (moves anchors off the accelerator) and calls the method above
+  (a no-op after ``on_train_end``).
 * State: small scalars in ``state_dict`` / ``load_state_dict`` (the constructor's settings win; a changed setting
   warns through :func:`warn_if_settings_changed`); tensors in ``on_save_checkpoint`` / ``on_load_checkpoint`` under
   a documented key, read with :func:`checkpoint_entry` and copied in with :func:`load_named_tensors`.

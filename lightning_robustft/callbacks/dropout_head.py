@@ -26,8 +26,9 @@ class DropoutHeadCallback(Callback):
     the fine-tuning distribution best, which keeps features the pretrained model learned for other distributions
     in use and improves OOD accuracy. Placing the dropout by a forward pre-hook instead of inserting an
     ``nn.Dropout`` means any ``LightningModule`` works unchanged and the module left after ``fit`` is exactly the
-    plain model: the hook is installed when fit starts (``setup``), removed when training ends (``on_train_end``) or
-    fails (``on_exception``), and a no-op whenever the head is in eval mode (validation, test, predict).
+    plain model: the hook is installed when fit starts (``setup``), removed when training ends (``on_train_end``;
+    ``teardown`` when there was nothing to train) or fails (``on_exception``), and a no-op whenever the head is in
+    eval mode (validation, test, predict).
 
     The mask comes from PyTorch's global generator, so ``seed_everything`` makes runs reproducible. Survivors are
     scaled by ``1 / (1 - p)`` so the head sees features of the same expected size in training and in evaluation.
@@ -74,6 +75,12 @@ class DropoutHeadCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Remove the hook when training ends, so the trained model is the plain one."""
         self._remove_hook()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remove the hook after a fit that had nothing to train (Lightning then skips ``on_train_end``)."""
+        if stage == TrainerFn.FITTING:
+            self._remove_hook()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -171,6 +171,12 @@ class LoRACallback(Callback):
         self.merge(pl_module)
 
     @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Merge after a fit that had nothing to train (Lightning then skips ``on_train_end``); else a no-op."""
+        if stage == TrainerFn.FITTING:
+            self.merge(pl_module)
+
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Merge the adapters when fit fails, so the model is plain and holds what was learned."""
         self.merge(pl_module)
