@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TinyBackbone, make_image_loader, state_copy
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.multiprocessing import ProcessRaisedException
 
 from lightning_robustft import ImageClassifier, LoRACallback, LPFTCallback, WeightPenaltyCallback
 
@@ -73,3 +74,11 @@ def test_lora_and_lp_ft_keep_replicas_identical(tmp_path: Path) -> None:
     callbacks = [LPFTCallback(probe_epochs=1), LoRACallback(r=2, alpha=4)]
     ranks = fit_on_two_ranks(tmp_path, model, callbacks, "ddp_spawn_find_unused_parameters_true")
     assert_identical_and_trained(ranks, initial)
+
+
+@pytest.mark.ddp
+def test_lp_ft_under_ddp_without_find_unused_parameters_is_refused_when_fit_starts(tmp_path: Path) -> None:
+    # The check reads the DistributedDataParallel wrapper Lightning built, in each spawned rank.
+    model = make_model()
+    with pytest.raises(ProcessRaisedException, match=r"LPFTCallback with DDP needs `find_unused_parameters=True`"):
+        fit_on_two_ranks(tmp_path, model, [LPFTCallback(probe_epochs=1)], "ddp_spawn")

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robustft.callbacks.dropout_head import DropoutHeadCallback
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.errors import RobustFTConfigError, RobustFTConfigTypeError
 
 WIDTH = 512
 
@@ -100,15 +100,22 @@ def test_validation_and_the_final_model_are_untouched() -> None:
     assert torch.equal(model.head.inputs[-1], torch.ones(8, WIDTH)), "no dropout left after fit, even in train mode"
 
 
-def test_no_hook_left_after_fit_and_after_a_failed_fit() -> None:
+def _drops_in_train_mode(model: OnesFeatures) -> bool:
+    """Whether the head's input is still dropped: a forward in train mode, outside any fit."""
+    model.train()
+    model(torch.randn(8, 4))
+    return not torch.equal(model.head.inputs.pop(), torch.ones(8, WIDTH))
+
+
+def test_no_dropout_left_after_fit_and_after_a_failed_fit() -> None:
     model = OnesFeatures()
-    callback = DropoutHeadCallback(p=0.9)
-    _trainer(callback, steps=2).fit(model, _loader())
-    assert len(model.head._forward_pre_hooks) == 0
+    _trainer(DropoutHeadCallback(p=0.9), steps=2).fit(model, _loader())
+    assert model.train_inputs and not _drops_in_train_mode(model)
     failing = OnesFeatures(fail_at_step=1)
     with pytest.raises(RuntimeError, match="boom"):
         _trainer(DropoutHeadCallback(p=0.9), steps=3).fit(failing, _loader())
-    assert len(failing.head._forward_pre_hooks) == 0
+    assert (failing.train_inputs[0] == 0).any(), "dropout was on while training"
+    assert not _drops_in_train_mode(failing)
 
 
 def test_p_zero_is_the_identity_in_training() -> None:
@@ -134,22 +141,22 @@ def test_missing_head_lists_the_submodules() -> None:
         _trainer(DropoutHeadCallback(p=0.9, head="classifier")).fit(OnesFeatures(), _loader())
 
 
-@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, True, "0.9"])
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan")])
 def test_p_outside_unit_interval_is_an_error(p: object) -> None:
-    with pytest.raises(RobustFTConfigError, match="`p`"):
+    with pytest.raises(RobustFTConfigError, match=r"`p`=.* must be a number in \[0, 1\) \(the dropout rate"):
         DropoutHeadCallback(p=p)  # type: ignore[arg-type]
 
 
-def test_empty_head_name_is_an_error() -> None:
-    with pytest.raises(RobustFTConfigError, match="`head`"):
-        DropoutHeadCallback(head="")
+@pytest.mark.parametrize(("head", "error"), [("", RobustFTConfigError), (3, RobustFTConfigTypeError)])
+def test_head_must_be_a_dotted_name(head: object, error: type) -> None:
+    with pytest.raises(error, match=rf"`head`={head!r} must be the dotted name of a submodule"):
+        DropoutHeadCallback(head=head)  # type: ignore[arg-type]
 
 
 def test_state_dict_round_trip_keeps_the_constructor_values() -> None:
     saved = DropoutHeadCallback(p=0.8).state_dict()
     assert saved == {"p": 0.8, "head": "head"}
     resumed = DropoutHeadCallback(p=0.9)
-    with pytest.warns(UserWarning, match="trained with"):
+    with pytest.warns(UserWarning, match=r"trained with \{'p': 0.8, 'head': 'head'\}; resuming with \{'p': 0.9"):
         resumed.load_state_dict(saved)
     assert resumed.p == 0.9
-    resumed.load_state_dict({})

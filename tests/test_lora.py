@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -259,14 +260,15 @@ def ImageClassifier_with(state: dict[str, torch.Tensor]) -> ImageClassifier:  # 
     ("kwargs", "match"),
     [
         ({"r": 0}, r"`r`=0 must be an integer >= 1"),
-        ({"r": True}, r"`r`=True"),
-        ({"alpha": 0}, r"`alpha`=0 must be > 0"),
-        ({"dropout": 1.0}, r"`dropout`=1.0 must be a dropout rate in \[0, 1\)"),
+        ({"r": True}, r"`r`=True must be an integer >= 1 .*not bool"),
+        ({"alpha": 0}, r"`alpha`=0 must be a finite number > 0"),
+        ({"dropout": 1.0}, r"`dropout`=1.0 must be a number in \[0, 1\)"),
         ({"dropout": -0.1}, r"`dropout`=-0.1"),
         ({"target_modules": "c_fc"}, r"`target_modules`='c_fc' must be None or a non-empty list"),
         ({"target_modules": []}, r"`target_modules`=\[\]"),
         ({"target_parameters": ["w"], "dropout": 0.1}, r"`target_parameters`=\['w'\] needs `dropout`=0"),
-        ({"module": ""}, r"`module`=''"),
+        ({"backbone": ""}, r"`backbone`='' must be the dotted name of a submodule"),
+        ({"train_head": "yes"}, r"`train_head`='yes' must be True or False"),
     ],
 )
 def test_constructor_errors(kwargs: dict[str, Any], match: str) -> None:
@@ -277,8 +279,8 @@ def test_constructor_errors(kwargs: dict[str, Any], match: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"module": "encoder"}, r"`module`='encoder' is not a submodule.*\['backbone', 'head'\]"),
-        ({"module": "head"}, r"`module`='head' is a single Linear"),
+        ({"backbone": "encoder"}, r"`backbone`='encoder' is not a submodule.*\['backbone', 'head'\]"),
+        ({"backbone": "head"}, r"`backbone`='head' is a single Linear"),
         ({"target_modules": ["nope"]}, r"`target_modules` name 'nope' matches no layer.*Some layer names"),
         ({"target_modules": ["out_proj"]}, r"matches '0.attn.out_proj', the output projection .* ignored"),
         ({"target_modules": ["mlp"]}, r"matches '0.mlp', a Sequential"),
@@ -320,6 +322,22 @@ def test_sharded_strategies_are_refused() -> None:
 def test_state_dict_records_the_configuration_and_warns_on_a_change() -> None:
     callback = LoRACallback(r=4, alpha=8)
     state = callback.state_dict()
-    assert state == {"r": 4, "alpha": 8.0, "dropout": 0.0, "module": "backbone", "adapted": []}
-    with pytest.warns(UserWarning, match="trained with"):
+    assert state == {"r": 4, "alpha": 8.0, "dropout": 0.0, "backbone": "backbone", "adapted": []}
+    with pytest.warns(UserWarning, match=r"trained with \{'r': 4, .*\}; resuming with \{'r': 2, "):
         LoRACallback(r=2, alpha=8).load_state_dict(state)
+
+
+def test_the_deprecated_module_argument_still_names_the_backbone() -> None:
+    with pytest.deprecated_call(match=r"`module` is deprecated.*`backbone`='encoder'"):
+        callback = LoRACallback(module="encoder")
+    assert callback.backbone == "encoder"
+    with pytest.raises(RobustFTConfigError, match=r"`backbone`='net' and its deprecated name `module`='encoder'"):
+        LoRACallback(backbone="net", module="encoder")
+
+
+def test_a_missing_peft_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # what Python does for a package that is not installed
+    model = AttentionModel()
+    with pytest.raises(ImportError, match=r"LoRACallback needs .*`peft`.*pip install lightning-robustft\[lora\]"):
+        LoRACallback().inject(model)
+    assert peft_modules(model) == []

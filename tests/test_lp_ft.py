@@ -11,8 +11,9 @@ import torch
 from conftest import TinyBackbone, make_epoch_trainer, make_image_loader, state_copy
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_robustft import ImageClassifier
 from lightning_robustft.callbacks.lp_ft import LPFTCallback
@@ -146,9 +147,9 @@ def test_resume_across_the_stage_boundary_equals_the_straight_run(tmp_path: Path
     ("kwargs", "match"),
     [
         ({"probe_epochs": 0}, r"`probe_epochs`=0 must be an integer >= 1"),
-        ({"probe_epochs": True}, r"`probe_epochs`=True"),
-        ({"probe_epochs": 1.5}, r"`probe_epochs`=1.5"),
-        ({"module": ""}, r"`module`=''"),
+        ({"probe_epochs": True}, r"`probe_epochs`=True must be an integer >= 1 .*not bool"),
+        ({"probe_epochs": 1.5}, r"`probe_epochs`=1.5 must be an integer >= 1 .*not float"),
+        ({"backbone": ""}, r"`backbone`='' must be the dotted name of a submodule"),
     ],
 )
 def test_constructor_errors(kwargs: dict[str, Any], match: str) -> None:
@@ -156,18 +157,23 @@ def test_constructor_errors(kwargs: dict[str, Any], match: str) -> None:
         LPFTCallback(**kwargs)
 
 
+def test_the_deprecated_module_argument_still_names_the_backbone() -> None:
+    with pytest.deprecated_call(match=r"`module` is deprecated.*`backbone`='encoder'"):
+        callback = LPFTCallback(module="encoder")
+    assert callback.backbone == "encoder"
+    with pytest.raises(RobustFTConfigError, match=r"`backbone`='net' and its deprecated name `module`='encoder'"):
+        LPFTCallback(backbone="net", module="encoder")
+
+
 def _setup(callback: LPFTCallback, strategy: Any, max_epochs: int = 3) -> None:
     callback.setup(SimpleNamespace(strategy=strategy, max_epochs=max_epochs), make_model(), "fit")  # type: ignore[arg-type]
 
 
 def test_setup_errors_and_warnings() -> None:
-    with pytest.raises(RobustFTConfigError, match=r"`module`='encoder' is not a submodule.*'backbone', 'head'"):
-        _setup(LPFTCallback(module="encoder"), None)
+    with pytest.raises(RobustFTConfigError, match=r"`backbone`='encoder' is not a submodule.*'backbone', 'head'"):
+        _setup(LPFTCallback(backbone="encoder"), None)
     with pytest.raises(RobustFTConfigError, match="does not support strategy FSDPStrategy"):
         _setup(LPFTCallback(), FSDPStrategy())
-    with pytest.raises(RobustFTConfigError, match="ddp_find_unused_parameters_true"):
-        _setup(LPFTCallback(), DDPStrategy())
-    _setup(LPFTCallback(), DDPStrategy(find_unused_parameters=True))
     with pytest.warns(UserWarning, match=r"`probe_epochs`=3 >= max_epochs=2"):
         _setup(LPFTCallback(probe_epochs=3), None, max_epochs=2)
     callback = LPFTCallback()
@@ -176,6 +182,19 @@ def test_setup_errors_and_warnings() -> None:
 
 
 def test_state_dict_is_the_configuration() -> None:
-    assert LPFTCallback(probe_epochs=2).state_dict() == {"probe_epochs": 2, "module": "backbone"}
-    with pytest.warns(UserWarning, match="trained with"):
-        LPFTCallback(probe_epochs=3).load_state_dict({"probe_epochs": 2, "module": "backbone"})
+    assert LPFTCallback(probe_epochs=2).state_dict() == {"probe_epochs": 2, "backbone": "backbone"}
+    with pytest.warns(UserWarning, match=r"trained with \{'probe_epochs': 2, 'backbone': 'backbone'\}; resuming with"):
+        LPFTCallback(probe_epochs=3).load_state_dict({"probe_epochs": 2, "backbone": "backbone"})
+
+
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_ddp_must_find_unused_parameters_checked_on_the_wrapped_model(find_unused: bool) -> None:
+    # The strategy's own wrapper, as Lightning builds it before `on_fit_start`; its public flag is what is read.
+    wrapped = DistributedDataParallel.__new__(DistributedDataParallel)
+    wrapped.find_unused_parameters = find_unused
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped))
+    if find_unused:
+        LPFTCallback().on_fit_start(trainer, make_model())  # type: ignore[arg-type]
+        return
+    with pytest.raises(RobustFTConfigError, match=r"needs `find_unused_parameters=True`.*_unused_parameters_true"):
+        LPFTCallback().on_fit_start(trainer, make_model())  # type: ignore[arg-type]

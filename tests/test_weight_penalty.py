@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import math
 from collections.abc import Sequence
@@ -142,21 +143,45 @@ def test_zero_strength_touches_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("call", "expected"),
+    ("call", "error", "expected"),
     [
-        (lambda w, a, g: add_penalty_grad_([w], [a], [g], -1.0), r"`strength`=-1\.0"),
-        (lambda w, a, g: add_penalty_grad_([w], [a], [g], 0.1, "l3"), r"`norm`='l3'"),
-        (lambda w, a, g: add_penalty_grad_([w], [a], [g, g], 0.1), r"`grads` needs 1 entries"),
-        (lambda w, a, g: add_penalty_grad_([w], [a[:2]], [g], 0.1), r"`anchors\[0\]` must be"),
-        (lambda w, a, g: add_penalty_grad_([w], [a], [g.double()], 0.1), r"`grads\[0\]` must match"),
-        (lambda w, a, g: add_penalty_grad_([w], [a], [g.to_sparse()], 0.1), r"`grads\[0\]` is a torch.sparse_coo"),
-        (lambda w, a, g: make_anchors([w.long()]), r"`params\[0\]` must be a floating-point tensor"),
+        (lambda w, a, g: add_penalty_grad_([w], [a], [g], -1.0), ValueError, r"`strength`=-1\.0 must be a finite"),
+        (lambda w, a, g: add_penalty_grad_([w], [a], [g], math.inf), ValueError, r"`strength`=inf"),
+        (lambda w, a, g: add_penalty_grad_([w], [a], [g], "0.1"), TypeError, r"`strength`='0\.1'.*not str"),
+        (lambda w, a, g: add_penalty_grad_([w], [a], [g], 0.1, "l3"), ValueError, r"`norm`='l3'"),
+        (lambda w, a, g: add_penalty_grad_([w], [a], [g, g], 0.1), ValueError, r"`grads` needs 1 entries"),
+        (lambda w, a, g: add_penalty_grad_([w], [a[:2]], [g], 0.1), ValueError, r"`anchors\[0\]` must be shaped"),
+        (lambda w, a, g: add_penalty_grad_([w], [a.long()], [g], 0.1), TypeError, r"`anchors\[0\]` must be a float"),
+        (lambda w, a, g: add_penalty_grad_([w], [a], [g.double()], 0.1), ValueError, r"`grads\[0\]` must match"),
+        (lambda w, a, g: add_penalty_grad_([w], [a], [g.to_sparse()], 0.1), TypeError, r"`grads\[0\]` is a torch.sp"),
+        (lambda w, a, g: make_anchors([w.long()]), TypeError, r"`params\[0\]` must be a floating-point tensor"),
     ],
 )
-def test_ops_reject_bad_input(call: Any, expected: str) -> None:
+def test_ops_reject_bad_input_with_plain_python_errors(call: Any, error: type, expected: str) -> None:
     w, a, g = _tensors((4, 3), torch.float32, 0)
-    with pytest.raises(RobustFTConfigError, match=expected):
+    with pytest.raises(error, match=expected) as info:
         call(w, a, g)
+    assert not isinstance(info.value, RobustFTConfigError)  # ops/ raises Python's errors, not Lightning's
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def test_ops_penalty_imports_no_lightning_even_indirectly() -> None:
+    root = Path(penalty.__file__).parents[1]
+    seen, todo = set(), ["lightning_robustft.ops.penalty"]
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        path = root.parent / (module.replace(".", "/") + ".py")
+        for name in _imports(path):
+            assert name.split(".")[0] != "lightning", f"{module} imports {name}"
+            if name.startswith("lightning_robustft.") and name not in seen:
+                todo.append(name)
+    assert seen == {"lightning_robustft.ops.penalty", "lightning_robustft._validation"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -321,8 +346,12 @@ def test_parameters_without_grad_get_no_penalty_and_module_stays_plain() -> None
     make_trainer([callback], max_steps=3).fit(model, make_loader(3))
     assert model.unused.grad is None and torch.equal(model.unused.detach(), torch.ones(3))
     assert list(model.state_dict()) == plain_keys
-    assert type(model) is UnusedParamModel and not model._forward_pre_hooks and not model._forward_hooks
+    assert type(model) is UnusedParamModel
     assert [name for name, _ in model.named_modules()] == [name for name, _ in UnusedParamModel().named_modules()]
+    plain = UnusedParamModel()
+    plain.load_state_dict(model.state_dict())
+    x = make_batches(1)[0][0]
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)  # no hook changes the forward
 
 
 def test_resumed_run_pulls_toward_the_original_weights(tmp_path: Path) -> None:

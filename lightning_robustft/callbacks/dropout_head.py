@@ -6,12 +6,16 @@ from typing import Any
 
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
-from lightning_robustft.callbacks._checks import resolve_submodule
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.callbacks._shared import check_dotted_name, resolve_submodule, warn_if_settings_changed
+from lightning_robustft.errors import RobustFTConfigError, check_config_number
+
+__all__ = ["DropoutHeadCallback"]
 
 
 class DropoutHeadCallback(Callback):
@@ -22,8 +26,9 @@ class DropoutHeadCallback(Callback):
     the fine-tuning distribution best, which keeps features the pretrained model learned for other distributions
     in use and improves OOD accuracy. Placing the dropout by a forward pre-hook instead of inserting an
     ``nn.Dropout`` means any ``LightningModule`` works unchanged and the module left after ``fit`` is exactly the
-    plain model: the hook is installed when fit starts (``setup``), removed when fit ends (``teardown``) or fails
-    (``on_exception``), and a no-op whenever the head is in eval mode (validation, test, predict).
+    plain model: the hook is installed when fit starts (``setup``), removed when training ends (``on_train_end``;
+    ``teardown`` when there was nothing to train) or fails (``on_exception``), and a no-op whenever the head is in
+    eval mode (validation, test, predict).
 
     The mask comes from PyTorch's global generator, so ``seed_everything`` makes runs reproducible. Survivors are
     scaled by ``1 / (1 - p)`` so the head sees features of the same expected size in training and in evaluation.
@@ -47,17 +52,15 @@ class DropoutHeadCallback(Callback):
     """
 
     def __init__(self, p: float = 0.9, head: str = "head") -> None:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise RobustFTConfigError(f"`p`={p!r} must be a dropout rate in [0, 1) (0.9 is the usual very-large rate).")
-        if not isinstance(head, str) or not head:
-            raise RobustFTConfigError(f"`head`={head!r} must be the dotted name of a submodule, e.g. 'head'.")
-        self.p = float(p)
+        self.p = check_config_number("p", p, "[0, 1)", hint="the dropout rate; 0.9 is the usual very-large rate")
+        check_dotted_name("head", head, example="'head' or 'model.fc'")
         self.head = head
         self._handle: RemovableHandle | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Install the dropout pre-hook on the head when fit begins (before optimizers or DDP wrapping exist)."""
-        if stage != "fit":
+        if stage != TrainerFn.FITTING:
             return
         self._remove_hook()
         module = resolve_submodule(
@@ -68,25 +71,31 @@ class DropoutHeadCallback(Callback):
         self._handle = module.register_forward_pre_hook(self._drop_input)
         rank_zero_info(f"DropoutHeadCallback: dropout p={self.p} on the input of `{self.head}` while training.")
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Remove the hook when fit ends, so the trained model is the plain one."""
-        if stage == "fit":
-            self._remove_hook()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Remove the hook when fit fails (Lightning does not call ``teardown`` then)."""
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remove the hook when training ends, so the trained model is the plain one."""
         self._remove_hook()
 
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remove the hook after a fit that had nothing to train (Lightning then skips ``on_train_end``)."""
+        if stage == TrainerFn.FITTING:
+            self._remove_hook()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Remove the hook when fit fails (Lightning calls neither ``on_train_end`` nor ``teardown`` then)."""
+        self._remove_hook()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The configuration, so a checkpoint records how the model was trained."""
         return {"p": self.p, "head": self.head}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the constructor's configuration (it is what the user asked for now); warn if the checkpoint differs."""
-        saved = {key: state_dict[key] for key in ("p", "head") if key in state_dict}
-        current = self.state_dict()
-        if any(current[key] != value for key, value in saved.items()):
-            rank_zero_warn(f"DropoutHeadCallback: the checkpoint was trained with {saved}; resuming with {current}.")
+        warn_if_settings_changed("DropoutHeadCallback", state_dict, self.state_dict())
 
     def _drop_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if not module.training or self.p == 0.0:

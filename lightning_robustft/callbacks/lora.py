@@ -7,14 +7,25 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from lightning_robustft.callbacks._checks import SHARDED_STRATEGIES, is_real, refuse_unsupported, resolve_submodule
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft._optional import require
+from lightning_robustft.callbacks._shared import (
+    check_dotted_name,
+    refuse_unsupported,
+    renamed_argument,
+    resolve_submodule,
+    warn_if_settings_changed,
+)
+from lightning_robustft.errors import RobustFTConfigError, RobustFTConfigTypeError, check_config_number
 
 if TYPE_CHECKING:
     from peft import LoraModel
+
+__all__ = ["LoRACallback", "check_strategy", "refuse_incompatible_callbacks"]
 
 #: Layer types that peft's LoRA can wrap when named in ``target_modules``.
 _SUPPORTED_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
@@ -31,7 +42,7 @@ class LoRACallback(Callback):
     pretrained model: a regulariser in the same family as WiSE-FT or weight penalties toward the pretrained weights.
 
     In ``setup(stage="fit")`` (before optimizers exist, and before a checkpoint is restored) the callback injects
-    ``peft`` LoRA layers into the submodule ``module`` with ``peft.LoraModel`` and freezes every other parameter of
+    ``peft`` LoRA layers into the submodule ``backbone`` with ``peft.LoraModel`` and freezes every other parameter of
     that submodule (its biases and norms included); parameters outside it (the head) keep training unless
     ``train_head=False``. At the end of fit (``on_train_end``, or ``on_exception`` when fit fails) it merges the
     adapters into the base weights with ``peft``'s ``merge_and_unload`` and restores every parameter's
@@ -62,19 +73,24 @@ class LoRACallback(Callback):
         r: rank of the update (``>= 1``).
         alpha: scale numerator; the update is scaled by ``alpha / r`` (``> 0``).
         dropout: dropout on the input of the LoRA branch, in ``[0, 1)``.
-        target_modules: names of the layers to adapt, relative to ``module``, with ``peft``'s rule: a layer matches
+        target_modules: names of the layers to adapt, relative to ``backbone``, with ``peft``'s rule: a layer matches
             a name when its dotted name equals it or ends with ``"." + name`` (e.g. ``["c_fc", "c_proj"]``). Each
             name must match a Linear, convolution, embedding or ``nn.MultiheadAttention`` layer. ``None``: see above.
-        target_parameters: names of raw weight parameters to adapt, relative to ``module``, same matching rule (e.g.
+        target_parameters: names of raw weight parameters to adapt, relative to ``backbone``, same matching rule (e.g.
             ``["attn.in_proj_weight"]``); needs ``dropout=0``. ``None`` with ``target_modules=None``: see above;
             ``None`` with ``target_modules`` given: none.
-        module: dotted name of the submodule to adapt (resolved with ``get_submodule``).
-        train_head: keep the parameters outside ``module`` (the classification head) trainable as they are;
+        backbone: dotted name of the submodule to adapt (resolved with ``get_submodule``).
+        train_head: keep the parameters outside ``backbone`` (the classification head) trainable as they are;
             ``False`` freezes them during fit, so that only the LoRA weights train.
+        module: deprecated name of ``backbone``.
+
+    ``WiSEFTCallback`` and ``GMixoutCallback`` are refused in the same Trainer (in either order), since they would
+    act on the LoRA factors instead of the model's weights; ``WeightPenaltyCallback`` composes (it penalises the
+    factors, pulling the update toward zero), and so does ``LPFTCallback``.
 
     Example::
 
-        trainer = Trainer(callbacks=[LoRACallback(r=8, alpha=16, module="backbone")])
+        trainer = Trainer(callbacks=[LoRACallback(r=8, alpha=16, backbone="backbone")])
         trainer.fit(model, datamodule=dm)  # afterwards `model` is the plain model with the update merged
 
     In a LightningCLI config::
@@ -82,7 +98,7 @@ class LoRACallback(Callback):
         trainer:
           callbacks:
             - class_path: lightning_robustft.callbacks.LoRACallback
-              init_args: {r: 8, alpha: 16, module: backbone}
+              init_args: {r: 8, alpha: 16, backbone: backbone}
     """
 
     def __init__(
@@ -92,20 +108,18 @@ class LoRACallback(Callback):
         dropout: float = 0.0,
         target_modules: list[str] | None = None,
         target_parameters: list[str] | None = None,
-        module: str = "backbone",
+        backbone: str = "backbone",
         train_head: bool = True,
+        module: str | None = None,
     ) -> None:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise RobustFTConfigError(f"`r`={r!r} must be an integer >= 1 (the rank of the LoRA update; 8 is usual).")
-        if not is_real(alpha) or not alpha > 0:
-            raise RobustFTConfigError(f"`alpha`={alpha!r} must be > 0 (the update is scaled by alpha / r).")
-        if not is_real(dropout) or not 0.0 <= dropout < 1.0:
-            raise RobustFTConfigError(f"`dropout`={dropout!r} must be a dropout rate in [0, 1).")
+        self.r = check_config_number("r", r, "[1, inf)", integer=True, hint="the rank of the LoRA update; 8 is usual")
+        self.alpha = check_config_number("alpha", alpha, "(0, inf)", hint="the update is scaled by alpha / r")
+        self.dropout = check_config_number("dropout", dropout, "[0, 1)", hint="dropout on the LoRA branch's input")
         for name, names in (("target_modules", target_modules), ("target_parameters", target_parameters)):
             if names is not None and (
                 isinstance(names, str) or not names or not all(isinstance(item, str) and item for item in names)
             ):
-                raise RobustFTConfigError(
+                raise RobustFTConfigTypeError(
                     f"`{name}`={names!r} must be None or a non-empty list of dotted names, e.g. ['c_fc', 'c_proj']."
                 )
         if target_parameters is not None and dropout > 0:
@@ -113,16 +127,13 @@ class LoRACallback(Callback):
                 f"`target_parameters`={target_parameters!r} needs `dropout`=0 (got {dropout}): peft cannot apply "
                 "dropout on the input of an update added to a raw parameter."
             )
-        if not isinstance(module, str) or not module:
-            raise RobustFTConfigError(f"`module`={module!r} must be the dotted name of a submodule, e.g. 'backbone'.")
+        backbone = renamed_argument("LoRACallback", "module", module, "backbone", backbone, "backbone")
+        check_dotted_name("backbone", backbone, example="'backbone'")
         if not isinstance(train_head, bool):
-            raise RobustFTConfigError(f"`train_head`={train_head!r} must be True or False.")
-        self.r = r
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
+            raise RobustFTConfigTypeError(f"`train_head`={train_head!r} must be True or False.")
         self.target_modules = list(target_modules) if target_modules is not None else None
         self.target_parameters = list(target_parameters) if target_parameters is not None else None
-        self.module = module
+        self.backbone = backbone
         self.train_head = train_head
         self._tuner: LoraModel | None = None
         self._requires_grad: dict[str, bool] = {}
@@ -131,7 +142,7 @@ class LoRACallback(Callback):
 
     @property
     def adapted(self) -> list[str]:
-        """Dotted names (relative to ``module``) of the layers and parameters that carry LoRA weights in this fit."""
+        """Dotted names (relative to ``backbone``) of the layers and parameters that carry LoRA weights in this fit."""
         return list(self._adapted)
 
     @property
@@ -139,66 +150,75 @@ class LoRACallback(Callback):
         """The factor of the update, ``alpha / r``."""
         return self.alpha / self.r
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse sharded strategies, then inject the adapters (before optimizers exist and a checkpoint loads)."""
-        if stage != "fit":
+        if stage != TrainerFn.FITTING:
             return
         check_strategy(trainer.strategy)
-        refuse_weight_space_callbacks(trainer.callbacks)
+        refuse_incompatible_callbacks(trainer.callbacks)
         self.inject(pl_module)
         lora = sum(p.numel() for n, p in pl_module.named_parameters() if "lora_" in n)
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         rank_zero_info(
             f"LoRACallback: r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g} on {len(self._adapted)} "
-            f"targets of `{self.module}` ({lora:,} LoRA parameters; {trainable:,} trainable in all)."
+            f"targets of `{self.backbone}` ({lora:,} LoRA parameters; {trainable:,} trainable in all)."
         )
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Merge the adapters into the base weights: the model is the plain one from here on (``on_fit_end``)."""
         self.merge(pl_module)
 
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Merge after a fit that had nothing to train (Lightning then skips ``on_train_end``); else a no-op."""
+        if stage == TrainerFn.FITTING:
+            self.merge(pl_module)
+
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Merge the adapters when fit fails, so the model is plain and holds what was learned."""
         self.merge(pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The configuration and the adapted names, so a checkpoint records how its LoRA keys came about."""
         return {
             "r": self.r,
             "alpha": self.alpha,
             "dropout": self.dropout,
-            "module": self.module,
+            "backbone": self.backbone,
             "adapted": list(self._adapted),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the constructor's configuration; warn when the checkpoint was trained with another one."""
-        current = self.state_dict()
-        saved = {key: state_dict[key] for key in current if key in state_dict}
-        if any(current[key] != value for key, value in saved.items()):
-            rank_zero_warn(f"LoRACallback: the checkpoint was trained with {saved}; resuming with {current}.")
+        warn_if_settings_changed("LoRACallback", state_dict, self.state_dict())
 
     def inject(self, pl_module: nn.Module) -> None:
-        """Inject LoRA layers into ``pl_module.<module>`` and set which parameters train (what ``setup`` does).
+        """Inject LoRA layers into ``pl_module.<backbone>`` and set which parameters train (what ``setup`` does).
 
         Raises:
-            RobustFTConfigError: ``module`` is not a submodule, a target name matches nothing or a layer that LoRA
-                cannot serve, or ``peft`` is not installed.
+            RobustFTConfigError: ``backbone`` is not a submodule, or a target name matches nothing or a layer that
+                LoRA cannot serve.
+            ImportError: ``peft`` is not installed (``pip install 'lightning-robustft[lora]'``).
         """
         if self._tuner is not None:
             self.merge(pl_module)
         submodule = resolve_submodule(
             pl_module,
-            self.module,
-            argument="module",
+            self.backbone,
+            argument="backbone",
             hint="Pass the dotted name of the pretrained part to adapt (e.g. 'backbone').",
         )
         if isinstance(submodule, _SUPPORTED_LAYERS):
             raise RobustFTConfigError(
-                f"`module`={self.module!r} is a single {type(submodule).__name__}; LoRACallback adapts the layers "
+                f"`backbone`={self.backbone!r} is a single {type(submodule).__name__}; LoRACallback adapts the layers "
                 f"inside a submodule. Pass its parent and name the layer in `target_modules`."
             )
-        peft = _import_peft()
+        peft = require("peft", "lora", feature="LoRACallback")
         target_modules, target_parameters = self._resolve_targets(submodule, peft)
         self._requires_grad = {name: param.requires_grad for name, param in pl_module.named_parameters()}
         self._order = {name: list(sub._parameters) for name, sub in submodule.named_modules()}
@@ -214,9 +234,9 @@ class LoRACallback(Callback):
         try:
             self._tuner = peft.LoraModel(submodule, config, _ADAPTER)
         except (ValueError, TypeError) as error:
-            raise RobustFTConfigError(f"peft could not inject LoRA into `{self.module}`: {error}") from error
+            raise RobustFTConfigError(f"peft could not inject LoRA into `{self.backbone}`: {error}") from error
         if not self.train_head:
-            prefix = self.module + "."
+            prefix = self.backbone + "."
             for name, param in pl_module.named_parameters():
                 if not name.startswith(prefix):
                     param.requires_grad_(False)
@@ -245,7 +265,7 @@ class LoRACallback(Callback):
             if name in self._requires_grad:
                 param.requires_grad_(self._requires_grad[name])
         self._requires_grad = {}
-        rank_zero_info(f"LoRACallback: merged the adapters into `{self.module}`; it is the plain module again.")
+        rank_zero_info(f"LoRACallback: merged the adapters into `{self.backbone}`; it is the plain module again.")
 
     def _resolve_targets(self, submodule: nn.Module, peft: Any) -> tuple[str | list[str], list[str]]:
         modules = dict(submodule.named_modules())
@@ -268,7 +288,7 @@ class LoRACallback(Callback):
                 attention = []
             if not layers and not attention:
                 raise RobustFTConfigError(
-                    f"`module`={self.module!r} ({type(submodule).__name__}) has no nn.Linear layer and no "
+                    f"`backbone`={self.backbone!r} ({type(submodule).__name__}) has no nn.Linear layer and no "
                     "nn.MultiheadAttention to adapt. Name the layers in `target_modules`; some submodule names: "
                     f"{[name for name in modules if name][:8]}."
                 )
@@ -280,7 +300,7 @@ class LoRACallback(Callback):
             matched = [name for name in modules if name and _matches(name, target)]
             if not matched:
                 raise RobustFTConfigError(
-                    f"`target_modules` name {target!r} matches no layer of `{self.module}` (a layer matches when its "
+                    f"`target_modules` name {target!r} matches no layer of `{self.backbone}` (a layer matches when its "
                     f"dotted name equals the name or ends with '.' + name). Some layer names: "
                     f"{[name for name in modules if name][:8]}."
                 )
@@ -302,7 +322,7 @@ class LoRACallback(Callback):
             matched = [name for name in params if _matches(name, target)]
             if not matched:
                 raise RobustFTConfigError(
-                    f"`target_parameters` name {target!r} matches no parameter of `{self.module}`. Some parameter "
+                    f"`target_parameters` name {target!r} matches no parameter of `{self.backbone}`. Some parameter "
                     f"names: {list(params)[:8]}."
                 )
             if not supports_parameters:
@@ -321,11 +341,7 @@ def check_strategy(strategy: Strategy) -> None:
         strategy,
         None,
         callback="LoRACallback",
-        why=dict.fromkeys(
-            SHARDED_STRATEGIES,
-            "it shards parameters across ranks, while the callback replaces layers in place and merges whole weights "
-            "at the end of fit",
-        ),
+        needs="the callback replaces layers in place and merges whole weights at the end of fit",
     )
 
 
@@ -342,24 +358,24 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _import_peft() -> Any:
-    try:
-        import peft
-    except ImportError as error:
-        raise ImportError(
-            "LoRACallback needs `peft`: install it with `pip install 'lightning-robustft[lora]'` or `pip install peft`."
-        ) from error
-    return peft
+def refuse_incompatible_callbacks(callbacks: list[Callback]) -> None:
+    """Refuse callbacks that would act on the adapters' factors instead of the model's weights, in either order.
 
+    Checked in ``setup``, before the adapters are injected, whatever the place of the other callback in
+    ``trainer.callbacks`` (its own ``setup`` changes nothing that must be undone).
 
-def refuse_weight_space_callbacks(callbacks: list[Callback]) -> None:
-    """Refuse callbacks that average weights across the fit: they would see the adapters' structure, not the model's.
+    * ``WiSEFTCallback`` snapshots ``theta_0`` when fit starts, after the adapters are injected, so it would mix
+      ``lora_A`` and ``lora_B`` separately, and ``B @ A`` is not linear in them. The correct WiSE-FT of a LoRA
+      fine-tune interpolates the merged (plain) weights, which ``run_wiseft`` does after the fact.
+    * ``GMixoutCallback`` mixes whole weight tensors with their pretrained values; under LoRA those weights are
+      frozen and the trainable tensors are the factors, which start at zero (``lora_B``) or at random (``lora_A``),
+      not at pretrained values. It also resolves its targets before the adapters rename them (``weight`` becomes
+      ``base_layer.weight``).
 
-    ``WiSEFTCallback`` snapshots ``theta_0`` when fit starts, after the adapters are injected, and interpolates
-    before or after the merge depending on the callback order; either way it would mix ``lora_A`` and ``lora_B``
-    separately, and ``B @ A`` is not linear in them. The correct WiSE-FT of a LoRA fine-tune interpolates the merged
-    (plain) weights, which ``run_wiseft`` does after the fact.
+    Raises:
+        RobustFTConfigError: one of those callbacks is in ``callbacks``.
     """
+    from lightning_robustft.callbacks.gmixout import GMixoutCallback
     from lightning_robustft.callbacks.wise_ft import WiSEFTCallback
 
     if any(isinstance(callback, WiSEFTCallback) for callback in callbacks):
@@ -368,4 +384,12 @@ def refuse_weight_space_callbacks(callbacks: list[Callback]) -> None:
             "(lora_A, lora_B) instead of the merged weights, and B @ A is not linear in them. Fine-tune with "
             "LoRACallback, save the merged model (e.g. `torch.save({'state_dict': model.state_dict()}, "
             "'lora.ckpt')`), then run `run_wiseft(model, 'lora.ckpt', val_loaders, zeroshot='zeroshot.ckpt')`."
+        )
+    if any(isinstance(callback, GMixoutCallback) for callback in callbacks):
+        raise RobustFTConfigError(
+            "LoRACallback and GMixoutCallback cannot share a Trainer: GMixout mixes weights with their pretrained "
+            "values, but under LoRA the pretrained weights are frozen and only the LoRA factors train, which start "
+            "at zero or at random. Use one of them: GMixoutCallback alone (at p=0.9 each step trains a random 10% "
+            "of the entries, a sparse update as LoRA's is low-rank), or LoRACallback alone (with "
+            "`WeightPenaltyCallback` to keep the update small, if you want a pull toward the pretrained weights)."
         )

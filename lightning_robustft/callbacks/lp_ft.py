@@ -5,13 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from typing_extensions import override
 
-from lightning_robustft.callbacks._checks import SHARDED_STRATEGIES, refuse_unsupported, resolve_submodule
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.callbacks._shared import (
+    check_dotted_name,
+    refuse_unsupported,
+    renamed_argument,
+    require_unused_parameters,
+    resolve_submodule,
+    warn_if_settings_changed,
+)
+from lightning_robustft.errors import check_config_number
+
+__all__ = ["LPFTCallback"]
+
+_FIND_UNUSED = "Use strategy='ddp_find_unused_parameters_true' (or a single device)."
 
 
 class LPFTCallback(Callback):
@@ -26,7 +38,7 @@ class LPFTCallback(Callback):
     All parameters stay in the optimizer from the start (the callback never freezes anything in ``setup``, which runs
     before ``configure_optimizers``). At each ``on_train_epoch_start``:
 
-    * epochs ``< probe_epochs`` (the probe): ``requires_grad_(False)`` on the submodule ``module`` and its norm layers
+    * epochs ``< probe_epochs`` (the probe): ``requires_grad_(False)`` on the submodule ``backbone`` and its norm layers
       with running statistics (``BatchNorm``, ``InstanceNorm``) in eval mode. Its parameters get no gradient, so
       the optimizers skip them entirely (``torch.optim`` optimizers skip parameters whose ``.grad`` is ``None``: no
       update, no weight decay, no momentum or Adam state), and its running statistics do not move: the submodule is
@@ -45,16 +57,18 @@ class LPFTCallback(Callback):
     The stage is a function of ``trainer.current_epoch``: there is no state beyond the arguments, and a resumed run
     (also across the stage boundary) continues exactly. At the end of fit (or when it fails) every flag and mode is
     restored. With DDP the probe leaves the submodule without gradients, which DDP accepts only with
-    ``find_unused_parameters=True`` (``strategy="ddp_find_unused_parameters_true"``); sharded strategies are refused.
+    ``find_unused_parameters=True`` (``strategy="ddp_find_unused_parameters_true"``; checked when fit starts, on the
+    wrapped model); sharded strategies are refused.
 
     Args:
         probe_epochs: number of linear-probe epochs before fine-tuning (``>= 1``).
-        module: dotted name of the pretrained submodule held fixed during the probe (resolved with
+        backbone: dotted name of the pretrained submodule held fixed during the probe (resolved with
             ``get_submodule``).
+        module: deprecated name of ``backbone``.
 
     Example::
 
-        trainer = Trainer(max_epochs=10, callbacks=[LPFTCallback(probe_epochs=2, module="backbone")])
+        trainer = Trainer(max_epochs=10, callbacks=[LPFTCallback(probe_epochs=2, backbone="backbone")])
         trainer.fit(model, datamodule=dm)
 
     In a LightningCLI config::
@@ -62,47 +76,41 @@ class LPFTCallback(Callback):
         trainer:
           callbacks:
             - class_path: lightning_robustft.callbacks.LPFTCallback
-              init_args: {probe_epochs: 2, module: backbone}
+              init_args: {probe_epochs: 2, backbone: backbone}
     """
 
-    def __init__(self, probe_epochs: int = 1, module: str = "backbone") -> None:
-        if isinstance(probe_epochs, bool) or not isinstance(probe_epochs, int) or probe_epochs < 1:
-            raise RobustFTConfigError(
-                f"`probe_epochs`={probe_epochs!r} must be an integer >= 1 (epochs of linear probing before "
-                "fine-tuning; without a probe, leave the callback out)."
-            )
-        if not isinstance(module, str) or not module:
-            raise RobustFTConfigError(f"`module`={module!r} must be the dotted name of a submodule, e.g. 'backbone'.")
-        self.probe_epochs = probe_epochs
-        self.module = module
+    def __init__(self, probe_epochs: int = 1, backbone: str = "backbone", module: str | None = None) -> None:
+        self.probe_epochs = check_config_number(
+            "probe_epochs",
+            probe_epochs,
+            "[1, inf)",
+            integer=True,
+            hint="epochs of linear probing before fine-tuning; without a probe, leave the callback out",
+        )
+        backbone = renamed_argument("LPFTCallback", "module", module, "backbone", backbone, "backbone")
+        check_dotted_name("backbone", backbone, example="'backbone'")
+        self.backbone = backbone
         self._submodule: nn.Module | None = None
         self._requires_grad: dict[str, bool] = {}
         self._norm_modes: dict[str, bool] = {}
         self._frozen = False
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check the strategy and the submodule; remember its ``requires_grad`` flags (nothing is frozen here)."""
-        if stage != "fit":
+        if stage != TrainerFn.FITTING:
             return
-        strategy = trainer.strategy
         refuse_unsupported(
-            strategy,
+            trainer.strategy,
             pl_module,
             callback="LPFTCallback",
-            why=dict.fromkeys(
-                SHARDED_STRATEGIES, "it toggles `requires_grad` of parameters that the strategy shards and flattens"
-            ),
-            fix="Use strategy='ddp_find_unused_parameters_true' (or a single device).",
+            needs="the callback toggles `requires_grad` of parameters that the strategy shards and flattens",
+            fix=_FIND_UNUSED,
         )
-        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
-            raise RobustFTConfigError(
-                "LPFTCallback with DDP needs `find_unused_parameters=True`: during the probe the submodule gets no "
-                "gradients, which plain DDP reports as an error. Use strategy='ddp_find_unused_parameters_true'."
-            )
         submodule = resolve_submodule(
             pl_module,
-            self.module,
-            argument="module",
+            self.backbone,
+            argument="backbone",
             hint="Pass the dotted name of the pretrained part held fixed during the probe (e.g. 'backbone').",
         )
         self._submodule = submodule
@@ -111,16 +119,27 @@ class LPFTCallback(Callback):
         self._norm_modes = {}
         if not any(param.requires_grad for param in submodule.parameters()):
             rank_zero_warn(
-                f"LPFTCallback: `{self.module}` has no trainable parameter, so there is nothing to fine-tune after "
+                f"LPFTCallback: `{self.backbone}` has no trainable parameter, so there is nothing to fine-tune after "
                 "the probe (is the backbone frozen, e.g. `freeze_backbone=True`?)."
             )
         max_epochs = trainer.max_epochs
         if max_epochs is not None and 0 <= max_epochs <= self.probe_epochs:
             rank_zero_warn(
                 f"LPFTCallback: `probe_epochs`={self.probe_epochs} >= max_epochs={max_epochs}, so the whole fit is a "
-                f"linear probe and `{self.module}` is never fine-tuned."
+                f"linear probe and `{self.backbone}` is never fine-tuned."
             )
 
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse DDP without ``find_unused_parameters``: the probe leaves the submodule without gradients."""
+        require_unused_parameters(
+            trainer,
+            callback="LPFTCallback",
+            why="during the probe the submodule gets no gradients",
+            fix=_FIND_UNUSED,
+        )
+
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Hold the submodule fixed in probe epochs; give it back its flags from epoch ``probe_epochs`` on."""
         probing = self.probing(trainer.current_epoch)
@@ -129,32 +148,34 @@ class LPFTCallback(Callback):
         else:
             self._restore()
         if trainer.current_epoch in (0, self.probe_epochs):
-            what = f"linear probe, `{self.module}` fixed" if probing else f"fine-tuning, `{self.module}` trains"
+            what = f"linear probe, `{self.backbone}` fixed" if probing else f"fine-tuning, `{self.backbone}` trains"
             rank_zero_info(f"LPFTCallback: epoch {trainer.current_epoch}: {what}.")
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Keep the norm layers in eval mode during the probe, even if validation put the model back in train mode."""
         if self.probing(trainer.current_epoch):
             self._norms_eval()
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Leave the model as it came: flags and norm modes restored (a fit that ends inside the probe)."""
         self._restore()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Restore flags and norm modes when fit fails."""
         self._restore()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The configuration (the stage is in the trainer's epoch), so a checkpoint records how it was trained."""
-        return {"probe_epochs": self.probe_epochs, "module": self.module}
+        return {"probe_epochs": self.probe_epochs, "backbone": self.backbone}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the constructor's configuration; warn when the checkpoint was trained with another one."""
-        current = self.state_dict()
-        saved = {key: state_dict[key] for key in current if key in state_dict}
-        if any(current[key] != value for key, value in saved.items()):
-            rank_zero_warn(f"LPFTCallback: the checkpoint was trained with {saved}; resuming with {current}.")
+        warn_if_settings_changed("LPFTCallback", state_dict, self.state_dict())
 
     def probing(self, epoch: int) -> bool:
         """Whether ``epoch`` belongs to the linear probe."""

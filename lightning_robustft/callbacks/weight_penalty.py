@@ -7,33 +7,30 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_robustft.callbacks._checks import (
+from lightning_robustft.callbacks._shared import (
     check_selection,
+    checkpoint_entry,
+    load_named_tensors,
     refuse_unsupported,
     resolve_submodule,
     select_parameters,
+    warn_if_settings_changed,
 )
-from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.ops.penalty import Norm, add_penalty_grad_, check_norm, check_strength, make_anchors
+from lightning_robustft.errors import RobustFTConfigError, check_config_number
+from lightning_robustft.ops.penalty import STRENGTH_HINT, Norm, add_penalty_grad_, check_norm, make_anchors
+
+__all__ = ["ANCHORS_CHECKPOINT_KEY", "WeightPenaltyCallback", "check_supported", "select_penalty_targets"]
 
 #: Checkpoint key holding ``{callback state_key: {parameter name: anchor}}`` (fp32 anchors, fp64 for fp64 weights).
 #: Keyed by the callback's ``state_key`` so that several instances (e.g. L1 and L2 together) keep their own anchors.
 ANCHORS_CHECKPOINT_KEY = "weight_penalty_anchors"
-
-_SHARDED_STRATEGIES: dict[type[Strategy], str] = {
-    FSDPStrategy: "it shards parameters and gradients across ranks, while the penalty reads whole weight tensors and "
-    "their full gradients",
-    ModelParallelStrategy: "it holds parameters and gradients as sharded DTensors, while the penalty reads whole "
-    "weight tensors",
-    DeepSpeedStrategy: "its engine owns the optimizer step and ZeRO partitions, so the full gradients the penalty is "
-    "added to are not in `param.grad`",
-}
 
 
 class WeightPenaltyCallback(Callback):
@@ -67,7 +64,11 @@ class WeightPenaltyCallback(Callback):
     Targets are parameter names (as in ``pl_module.named_parameters()``) matched by shell-style globs (``fnmatch``;
     ``*`` also crosses dots). By default: every trainable floating-point parameter outside the ``head`` submodule,
     biases and norms included, as in L2-SP. The head is new, so it has no pretrained value to be pulled toward; L2-SP
-    gives it plain weight decay, which the optimizer's ``weight_decay`` already provides.
+    gives it plain weight decay, which the optimizer's ``weight_decay`` already provides. The targets are resolved in
+    ``on_fit_start``, after every callback's ``setup``, so the place of this callback in ``trainer.callbacks`` does
+    not matter: with :class:`~lightning_robustft.callbacks.LoRACallback` the trainable tensors are the LoRA factors
+    (the base weights are frozen), so the penalty pulls ``lora_A`` toward its initial value and ``lora_B`` toward
+    zero, i.e. the update ``B @ A`` toward nothing and the merged weights toward the pretrained ones.
 
     Args:
         strength: the penalty coefficient (``alpha`` in the L2-SP paper), finite and ``>= 0``; 0 disables the
@@ -101,8 +102,11 @@ class WeightPenaltyCallback(Callback):
         exclude: list[str] | None = None,
         head: str | None = "head",
     ) -> None:
-        self.strength = check_strength(strength)
-        self.norm: Norm = check_norm(norm)
+        self.strength = check_config_number("strength", strength, "[0, inf)", hint=STRENGTH_HINT)
+        try:
+            self.norm: Norm = check_norm(norm)
+        except ValueError as error:
+            raise RobustFTConfigError(str(error)) from None
         check_selection(targets, exclude, head, example="['backbone.*']")
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude) if exclude is not None else []
@@ -122,7 +126,7 @@ class WeightPenaltyCallback(Callback):
 
     @property
     def target_names(self) -> list[str]:
-        """Names of the penalised parameters, resolved at ``setup``."""
+        """Names of the penalised parameters, resolved when fit starts (``on_fit_start``)."""
         return list(self._target_names)
 
     @property
@@ -130,16 +134,23 @@ class WeightPenaltyCallback(Callback):
         """``{name: w0}``: the anchors the targets are pulled toward (empty before training starts)."""
         return dict(zip(self._target_names, self._anchors, strict=False))
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse what cannot be served and resolve the targets; the anchors are taken when training starts."""
+        """Refuse what cannot be served and forget a previous fit; targets are resolved when fit starts."""
         if stage != TrainerFn.FITTING:
             return
         check_supported(trainer.strategy, pl_module)
-        self._target_names = select_penalty_targets(pl_module, self.targets, self.exclude, self.head)
+        self._target_names = []
         self._params = []
         self._anchors = []
         self._loaded_anchors = None
 
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resolve the targets once every callback's ``setup`` has shaped the module (e.g. LoRA's adapters)."""
+        self._target_names = select_penalty_targets(pl_module, self.targets, self.exclude, self.head)
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Snapshot ``w0`` on the training device, or take it from the checkpoint a fit resumes from."""
         params = dict(pl_module.named_parameters())
@@ -147,7 +158,7 @@ class WeightPenaltyCallback(Callback):
         self._anchors = make_anchors(self._params)
         source = "the weights at the start of fit"
         if self._loaded_anchors is not None:
-            load_anchors(self._anchors, self._target_names, self._loaded_anchors)
+            load_named_tensors(self._anchors, self._target_names, self._loaded_anchors, what="weight-penalty anchors")
             self._loaded_anchors = None
             source = "the checkpoint's anchors (the weights at the first start)"
         penalised = sum(param.numel() for param in self._params)
@@ -157,42 +168,46 @@ class WeightPenaltyCallback(Callback):
             f"{len(self._params)} tensors ({penalised:,} of {trainable:,} trainable entries)."
         )
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         """Add the penalty's gradient to the complete (reduced, unscaled) gradients, once per optimizer step."""
         if not self._anchors or self.strength == 0.0:
             return
         add_penalty_grad_(self._params, self._anchors, [param.grad for param in self._params], self.strength, self.norm)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Move the anchors to the CPU after fit: still available and checkpointed, but off the accelerator."""
         if stage == TrainerFn.FITTING and self._anchors:
             self._anchors = [anchor.cpu() for anchor in self._anchors]
             self._params = []
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The configuration (the anchors go into the checkpoint via ``on_save_checkpoint``)."""
         return {"strength": self.strength, "norm": self.norm}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Warn when resuming with another strength; the constructor's value is used."""
-        saved = state_dict.get("strength")
-        if saved is not None and saved != self.strength:
-            rank_zero_warn(
-                f"WeightPenaltyCallback: the checkpoint was trained with strength={saved}; resuming with "
-                f"strength={self.strength}."
-            )
+        warn_if_settings_changed("WeightPenaltyCallback", state_dict, {"strength": self.strength})
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Store the anchors under ``"weight_penalty_anchors"`` / this callback's ``state_key``."""
         anchors = self.anchors or self._loaded_anchors
         if anchors:
             checkpoint.setdefault(ANCHORS_CHECKPOINT_KEY, {})[self.state_key] = dict(anchors)
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Keep the checkpoint's anchors for ``on_train_start``; warn when a fit resumes from a checkpoint without."""
-        if trainer.state.fn != TrainerFn.FITTING:
+        without = "the penalty pulls toward the weights the fit resumes from, not toward the pretrained ones"
+        stored = checkpoint_entry(
+            trainer, checkpoint, ANCHORS_CHECKPOINT_KEY, callback="WeightPenaltyCallback", without=without
+        )
+        if not stored:
             return
-        stored = checkpoint.get(ANCHORS_CHECKPOINT_KEY, {})
         if self.state_key in stored:
             self._loaded_anchors = stored[self.state_key]
         elif len(stored) == 1:
@@ -201,22 +216,18 @@ class WeightPenaltyCallback(Callback):
             self._loaded_anchors = next(iter(stored.values()))
         else:
             rank_zero_warn(
-                f"WeightPenaltyCallback: the checkpoint has no {ANCHORS_CHECKPOINT_KEY!r} entry for {self.state_key} "
-                "(it was not trained with this callback), so the penalty pulls toward the weights the fit resumes "
-                "from, not toward the pretrained ones."
+                f"WeightPenaltyCallback: the checkpoint's {ANCHORS_CHECKPOINT_KEY!r} holds the anchors of "
+                f"{len(stored)} other penalty callbacks but none for {self.state_key}, so {without}."
             )
 
 
 def check_supported(strategy: Strategy, pl_module: LightningModule) -> None:
-    """Raise for what the penalty cannot serve: sharded strategies and manual optimization.
-
-    The same strategies as ``GMixoutCallback`` refuses, with messages that name this callback and its reasons.
-    """
+    """Raise for what the penalty cannot serve: sharded strategies and manual optimization."""
     refuse_unsupported(
         strategy,
         pl_module,
         callback="WeightPenaltyCallback",
-        why=_SHARDED_STRATEGIES,
+        needs="the penalty reads whole weight tensors and adds to their full gradients",
         manual_optimization="and the callback's `on_before_optimizer_step` would not see the gradients of every "
         "step. Use automatic optimization, or add the penalty to your loss "
         "(`lightning_robustft.ops.penalty.penalty_value`).",
@@ -250,22 +261,3 @@ def select_penalty_targets(
         why_trainable="the penalty acts through gradients, so only trainable ones can be penalised",
         nothing="WeightPenaltyCallback found no trainable parameter to penalise",
     )
-
-
-def load_anchors(anchors: Sequence[torch.Tensor], names: Sequence[str], stored: Mapping[str, torch.Tensor]) -> None:
-    """Copy checkpointed anchors into ``anchors`` (in place), after checking they cover exactly the targets."""
-    if set(stored) != set(names):
-        missing, unexpected = sorted(set(names) - set(stored)), sorted(set(stored) - set(names))
-        raise RobustFTConfigError(
-            f"The checkpoint's weight-penalty anchors do not match the current targets: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}. Resume with the `targets` / `exclude` / `head` the checkpoint was trained "
-            "with."
-        )
-    with torch.no_grad():
-        for name, anchor in zip(names, anchors, strict=True):
-            if stored[name].shape != anchor.shape:
-                raise RobustFTConfigError(
-                    f"The checkpoint's weight-penalty anchor {name!r} has shape {tuple(stored[name].shape)}, the "
-                    f"parameter {tuple(anchor.shape)}. Resume with the model the checkpoint was trained with."
-                )
-            anchor.copy_(stored[name])

@@ -13,6 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "DISTILL_MODES",
+    "TEACHER_CHECKPOINT_KEY",
+    "DistillMode",
+    "FrozenTeacher",
+    "feature_distillation_loss",
+    "frozen_copy",
+    "logit_distillation_loss",
+]
+
 DistillMode = Literal["none", "logits", "features"]
 
 #: The distillation modes ``ImageClassifier`` accepts.

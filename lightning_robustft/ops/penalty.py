@@ -14,21 +14,40 @@ micro-batch. Its gradient is known in closed form, so it is added to the gradien
 Floating-point contract: anchors are kept in fp32 (fp64 for fp64 parameters); arithmetic runs in that precision
 whatever the parameter dtype (fp32 / bf16 / fp16), with multi-tensor ``torch._foreach_*`` ops, and the gradients are
 rounded back to their own dtype once. Low-precision temporaries are bounded by :data:`BUCKET_NUMEL` elements.
+
+Pure tensor functions without Lightning: bad input raises ``TypeError`` (not a tensor, not floating point) or
+``ValueError`` (mismatched lists, shapes, devices; a bad ``strength`` or ``norm``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
 
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft._validation import check_number
+
+__all__ = [
+    "BUCKET_NUMEL",
+    "NORMS",
+    "STRENGTH_HINT",
+    "Norm",
+    "add_penalty_grad_",
+    "check_norm",
+    "check_strength",
+    "compute_dtype",
+    "make_anchors",
+    "penalty_grad_reference",
+    "penalty_value",
+]
 
 Norm = Literal["l2", "l1"]
 
 NORMS: tuple[str, ...] = ("l2", "l1")
+
+#: What ``strength`` means, appended to the error for a bad one (here and in ``WeightPenaltyCallback``).
+STRENGTH_HINT = "the penalty coefficient; 0 disables the penalty, L2-SP's usual values are 1e-4 to 1e-1"
 
 #: At most this many elements are processed per multi-tensor call, so the fp32 temporaries of a low-precision model
 #: (the difference ``w - a`` and the upcast gradient) stay at a few hundred MiB, not a full copy of the model.
@@ -47,7 +66,7 @@ def make_anchors(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     pretrained values exactly.
 
     Raises:
-        RobustFTConfigError: a parameter is not a floating-point tensor.
+        TypeError: a parameter is not a floating-point tensor.
     """
     params = _check_tensors("params", params)
     with torch.no_grad():
@@ -79,8 +98,9 @@ def add_penalty_grad_(
         norm: ``"l2"`` or ``"l1"``.
 
     Raises:
-        RobustFTConfigError: mismatched lists, shapes, dtypes or devices, a sparse gradient, or a bad ``strength`` /
-            ``norm``.
+        TypeError: a parameter or anchor is not a floating-point tensor, ``strength`` is not a number, or a
+            gradient is sparse.
+        ValueError: mismatched lists, shapes, dtypes or devices, or a bad ``strength`` / ``norm``.
     """
     strength = check_strength(strength)
     norm = check_norm(norm)
@@ -127,7 +147,7 @@ def penalty_value(
     params = list(params)
     anchors = list(anchors)
     if len(anchors) != len(params):
-        raise RobustFTConfigError(f"`anchors` needs {len(params)} tensors (one per parameter), got {len(anchors)}.")
+        raise ValueError(f"`anchors` needs {len(params)} tensors (one per parameter), got {len(anchors)}.")
     terms = []
     for w, a in zip(params, anchors, strict=True):
         dtype = compute_dtype(w.dtype)
@@ -152,23 +172,13 @@ def penalty_grad_reference(
 
 def check_strength(strength: float) -> float:
     """Return ``strength`` as a float, or raise naming the argument if it is not a finite number ``>= 0``."""
-    if (
-        isinstance(strength, bool)
-        or not isinstance(strength, (int, float))
-        or not math.isfinite(strength)
-        or strength < 0
-    ):
-        raise RobustFTConfigError(
-            f"`strength`={strength!r} must be a finite number >= 0 (the penalty coefficient; 0 disables the "
-            "penalty, L2-SP's usual values are 1e-4 to 1e-1)."
-        )
-    return float(strength)
+    return check_number("strength", strength, "[0, inf)", hint=STRENGTH_HINT)
 
 
 def check_norm(norm: str) -> Norm:
     """Return ``norm``, or raise naming the argument if it is neither ``"l2"`` nor ``"l1"``."""
     if norm not in NORMS:
-        raise RobustFTConfigError(
+        raise ValueError(
             f"`norm`={norm!r} must be one of {list(NORMS)}: 'l2' is L2-SP (strength/2 * ||w - w0||^2), 'l1' is "
             "strength * ||w - w0||_1."
         )
@@ -180,7 +190,7 @@ def _check_tensors(name: str, tensors: Sequence[torch.Tensor]) -> list[torch.Ten
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise RobustFTConfigError(
+            raise TypeError(
                 f"`{name}[{i}]` must be a floating-point tensor, got {got}: leave integer tensors out of the targets."
             )
     return tensors
@@ -191,23 +201,25 @@ def _check_companions(
 ) -> None:
     for label, values in (("anchors", anchors), ("grads", grads)):
         if len(values) != len(params):
-            raise RobustFTConfigError(f"`{label}` needs {len(params)} entries (one per parameter), got {len(values)}.")
+            raise ValueError(f"`{label}` needs {len(params)} entries (one per parameter), got {len(values)}.")
     for i, (w, a, g) in enumerate(zip(params, anchors, grads, strict=True)):
-        if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.shape != w.shape or a.device != w.device:
-            got = f"shape {tuple(a.shape)}, {a.dtype}, {a.device}" if isinstance(a, torch.Tensor) else type(a).__name__
-            raise RobustFTConfigError(
-                f"`anchors[{i}]` must be a floating-point tensor shaped and placed like its parameter (shape "
-                f"{tuple(w.shape)}, {w.device}), got {got}."
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            got = a.dtype if isinstance(a, torch.Tensor) else type(a).__name__
+            raise TypeError(f"`anchors[{i}]` must be a floating-point tensor, got {got}.")
+        if a.shape != w.shape or a.device != w.device:
+            raise ValueError(
+                f"`anchors[{i}]` must be shaped and placed like its parameter (shape {tuple(w.shape)}, {w.device}), "
+                f"got shape {tuple(a.shape)}, {a.device}."
             )
         if g is None:
             continue
         if g.is_sparse or g.layout != torch.strided:
-            raise RobustFTConfigError(
+            raise TypeError(
                 f"`grads[{i}]` is a {g.layout} gradient (e.g. nn.Embedding(sparse=True)): the penalty gradient is "
                 "dense. Use dense gradients for the penalised parameters, or leave them out of the targets."
             )
         if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
-            raise RobustFTConfigError(
+            raise ValueError(
                 f"`grads[{i}]` must match its parameter (shape {tuple(w.shape)}, {w.dtype}, {w.device}), got shape "
                 f"{tuple(g.shape)}, {g.dtype}, {g.device}."
             )
