@@ -33,7 +33,6 @@ from lightning_robustft.errors import RobustFTConfigError, RobustFTConfigTypeErr
 
 # The lead removes these marks once gmixout.py / wise_ft.py use `check_config_number` (see the merge notes).
 PENDING_GMIXOUT = pytest.mark.xfail(strict=True, reason="gmixout.py does not use check_config_number yet")
-PENDING_WISEFT = pytest.mark.xfail(strict=True, reason="wise_ft.py does not use check_config_number yet")
 
 #: The callbacks that read or replace whole weight tensors, so a sharded strategy must be refused.
 WHOLE_WEIGHT_CALLBACKS: list[Callable[[], Callback]] = [
@@ -121,7 +120,7 @@ NUMBERS = [
     pytest.param(GMixoutCallback, "p", True, 1.0, marks=PENDING_GMIXOUT),
     pytest.param(GMixoutCallback, "resample_every", 2.0, 0, marks=PENDING_GMIXOUT),
     pytest.param(GMixoutCallback, "anchor_decay", "1", 1.5, marks=PENDING_GMIXOUT),
-    pytest.param(WiSEFTCallback, "alpha", "0.5", 1.5, marks=PENDING_WISEFT),
+    (WiSEFTCallback, "alpha", "0.5", 1.5),
 ]
 
 

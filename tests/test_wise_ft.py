@@ -16,7 +16,6 @@ from conftest import TinyNet
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -312,12 +311,6 @@ def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
 def test_fixed_alpha_joins_the_sweep() -> None:
     assert WiSEFTCallback(alphas=[1.0, 0.0], alpha=0.3).alphas == [0.0, 0.3, 1.0]
     assert WiSEFTCallback(alphas=[1.0, 0.0], select="id").alphas == [0.0, 1.0]
-
-
-def test_sharded_strategy_is_refused() -> None:
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(RobustFTConfigError, match="strategy=FSDPStrategy"):
-        WiSEFTCallback().setup(trainer, TinyNet(), "fit")  # type: ignore[arg-type]
 
 
 def test_plot_marks_points_and_rejects_bad_rows(tmp_path: Path) -> None:

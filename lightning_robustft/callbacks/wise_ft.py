@@ -13,13 +13,13 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.callbacks._shared import checkpoint_entry, refuse_unsupported
 from lightning_robustft.evaluation.checkpoint import THETA_0_KEY
 from lightning_robustft.evaluation.loop import resolve_id_set, trainer_validation_sets
 from lightning_robustft.ops.interpolate import float_state_snapshot
@@ -113,20 +113,23 @@ class WiSEFTCallback(Callback):
         """The snapshot interpolated from (CPU float tensors), or ``None`` before fit starts."""
         return self._theta_0
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse sharded strategies and forget a previous fit's snapshot (a checkpoint may restore one next)."""
-        if stage != "fit":
+        if stage != TrainerFn.FITTING:
             return
-        strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
-            raise RobustFTConfigError(
-                f"WiSEFTCallback does not support strategy={type(strategy).__name__}: it needs whole (unsharded) "
-                "state dicts. Use a single device or DDP, or run `run_wiseft` on the saved checkpoints afterwards."
-            )
+        refuse_unsupported(
+            trainer.strategy,
+            None,
+            callback="WiSEFTCallback",
+            needs="WiSE-FT snapshots, interpolates and loads whole (unsharded) state dicts",
+            fix="Use a single device or DDP, or run `run_wiseft` on the saved checkpoints afterwards.",
+        )
         self._theta_0 = None
         self.applied_alpha = None
         self.results = []
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Snapshot theta_0, unless a resumed checkpoint already restored the original one."""
         if self._theta_0 is not None:
@@ -135,6 +138,7 @@ class WiSEFTCallback(Callback):
         self._theta_0 = float_state_snapshot(pl_module.state_dict())
         rank_zero_info(f"WiSEFTCallback: theta_0 snapshot of {len(self._theta_0)} floating-point tensors.")
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sweep the alphas on the validation sets, apply the selected one, save the model and write the results."""
         if self._theta_0 is None:
@@ -157,25 +161,26 @@ class WiSEFTCallback(Callback):
             _log_to_loggers(trainer, summary, write_wiseft_results(summary, out_dir))
         rank_zero_info(f"WiSEFTCallback: the model now holds theta(alpha={chosen:g}); results in {out_dir}.")
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Store theta_0 in the checkpoint, so a resumed fit still interpolates against the true start."""
         if self._theta_0 is not None:
             checkpoint[THETA_0_KEY] = self._theta_0
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Restore theta_0 from a checkpoint written by this callback; warn when resuming from any other."""
-        if THETA_0_KEY in checkpoint:
-            self._theta_0 = {name: tensor.to("cpu") for name, tensor in checkpoint[THETA_0_KEY].items()}
-        elif trainer.state.fn == TrainerFn.FITTING:
-            rank_zero_warn(
-                f"WiSEFTCallback: the checkpoint has no {THETA_0_KEY!r}; theta_0 will be the weights the fit resumes "
-                "from, not the zero-shot model."
-            )
+        without = "theta_0 will be the weights the fit resumes from, not the zero-shot model"
+        theta_0 = checkpoint_entry(trainer, checkpoint, THETA_0_KEY, callback="WiSEFTCallback", without=without)
+        if theta_0 is not None:
+            self._theta_0 = {name: tensor.to("cpu") for name, tensor in theta_0.items()}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Small scalars only (theta_0 travels through ``on_save_checkpoint``)."""
         return {"alpha": self.alpha, "select": self.select, "applied_alpha": self.applied_alpha}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore which alpha the saved weights hold; the configuration stays the constructor's."""
         self.applied_alpha = state_dict.get("applied_alpha")

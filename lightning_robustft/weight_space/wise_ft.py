@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.errors import RobustFTConfigError, check_config_number
 from lightning_robustft.evaluation.checkpoint import load_into, load_wiseft_endpoints, save_weights_checkpoint
 from lightning_robustft.evaluation.loop import ForwardContext, evaluate_accuracy, named_dataloaders, resolve_id_set
 from lightning_robustft.evaluation.results import accuracy_row, check_set_names, format_row, round_row, write_results
@@ -66,10 +66,7 @@ def sweep_alphas(alphas: Sequence[float] | None, alpha: float, select: str) -> l
 
 
 def _check_unit_interval(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise RobustFTConfigError(
-            f"`{name}`={value!r} must be a number in [0, 1] (0 is the zero-shot model, 1 the fine-tuned one)."
-        )
+    check_config_number(name, value, "[0, 1]", hint="0 is the zero-shot model, 1 the fine-tuned one")
 
 
 def wiseft_sweep(
