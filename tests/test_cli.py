@@ -97,3 +97,14 @@ def test_real_recipes_parse(recipe, monkeypatch, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["backbone"] == "open_clip:ViT-B-16:openai"
     assert printed["data"]["init_args"]["train"].startswith("/data/example/")
+
+
+@pytest.mark.slow
+def test_fit_resumed_with_more_epochs(image_folders, tmp_path):
+    # 3 steps an epoch: 20 % warm-up is 0 steps over 1 epoch, 1 step over 2 (the two schedules used to differ).
+    config = write_config(tmp_path, image_folders, warmup_steps=0.2)
+    cli_main(["fit", "--config", str(config)])
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    resumed = cli_main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.max_epochs=2"])
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 6
+    assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
