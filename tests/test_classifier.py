@@ -192,3 +192,26 @@ def test_schedule_stays_at_zero_past_its_end_and_checkpoints_only_the_step():
     assert set(other.state_dict()) == set(state)
     other.load_state_dict(state)
     assert other.last_epoch == 7
+
+
+def test_timm_weights_unreachable_names_the_model_and_the_random_spec(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(RobustFTConfigError, match=r"pretrained weights of 'timm:resnet18'.*'timm:resnet18:random'"):
+        ImageClassifier("timm:resnet18", num_classes=3)
+
+
+def test_torchvision_download_failure_names_the_model_and_the_random_spec(monkeypatch):
+    from urllib.error import URLError
+
+    def no_network(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", no_network)
+    with pytest.raises(RobustFTConfigError, match=r"'torchvision:resnet18'.*URLError.*'torchvision:resnet18:random'"):
+        ImageClassifier("torchvision:resnet18", num_classes=3)
+
+
+def test_open_clip_unknown_tag_lists_the_valid_tags():
+    with pytest.raises(RobustFTConfigError, match=r"no pretrained tag 'nosuch'.*Valid tags: \['openai', "):
+        ImageClassifier("open_clip:ViT-B-32:nosuch", num_classes=3)
