@@ -1,4 +1,4 @@
-"""The ``robustft`` command: LightningCLI over :class:`ImageClassifier` and :class:`MultiDomainDataModule`.
+"""The ``robustft`` command: LightningCLI over `ImageClassifier` and `MultiDomainDataModule`.
 
 ``robustft fit|validate|test|predict --config configs/demo.yaml``; callbacks by ``class_path`` in YAML;
 ``--print_config`` shows the full resolved configuration. YAML files are read in OmegaConf mode, so a recipe can

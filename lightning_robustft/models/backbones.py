@@ -1,12 +1,7 @@
 """Backbone factory: a spec string (or a module) -> image feature extractor, its transforms, CLIP's text side.
 
-Spec strings name where the weights come from, so a YAML file can switch families without code:
-
-- ``open_clip:<model>[:<pretrained tag or file>]`` — e.g. ``open_clip:ViT-B-32:openai``,
-  ``open_clip:ViT-B-16:/ckpts/clip.pt``, ``open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K``, or the shipped
-  demo model ``open_clip:robustft-tiny-clip:mnist``.
-- ``timm:<model>[:pretrained|random]`` — e.g. ``timm:vit_base_patch16_clip_224.openai`` (default ``pretrained``).
-- ``torchvision:<model>[:<weights name>|random]`` — e.g. ``torchvision:resnet50:IMAGENET1K_V2`` (default ``DEFAULT``).
+The spec strings (``open_clip:...``, ``timm:...``, ``torchvision:...``) are listed in ``build_backbone``'s
+docstring, which the API reference renders.
 
 Only the image tower is kept as the backbone; for CLIP the text tower is used once to build the zero-shot head and
 then dropped, so the fine-tuned model carries no dead weight.
@@ -52,12 +47,26 @@ class Backbone:
 
 
 def build_backbone(spec: str | nn.Module, feature_dim: int | None = None) -> Backbone:
-    """Build a :class:`Backbone` from a spec string or wrap a ready module.
+    """Build a [`Backbone`][lightning_robustft.models.backbones.Backbone] from a spec string or wrap a ready module.
+
+    Spec strings name where the weights come from, so a YAML file switches families without code:
+
+    - `open_clip:<model>[:<pretrained tag or file>]`, e.g. `open_clip:ViT-B-32:openai`,
+      `open_clip:ViT-B-16:/ckpts/clip.pt`, `open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K`, or the shipped
+      demo model `open_clip:robustft-tiny-clip:mnist`; with no tag the weights are random.
+    - `timm:<model>[:pretrained|random]`, e.g. `timm:vit_base_patch16_clip_224.openai` (default `pretrained`).
+    - `torchvision:<model>[:<weights name>|random]`, e.g. `torchvision:resnet50:IMAGENET1K_V2` (default `DEFAULT`).
+
+    Weights that cannot be fetched (offline, no cache) and unknown models or tags are errors that name the spec and
+    the fix (the valid tags, or the `:random` form).
 
     Args:
-        spec: a spec string (see the module docstring) or an ``nn.Module`` that maps images to features.
+        spec: a spec string or an `nn.Module` that maps images to features.
         feature_dim: the feature width of a module given directly, when it has none of the attributes
-            ``num_features``, ``output_dim``, ``embed_dim``, ``out_features``.
+            `num_features`, `output_dim`, `embed_dim`, `out_features`.
+
+    Raises:
+        RobustFTConfigError: an unknown kind, model, tag or weights name, or weights that could not be fetched.
     """
     if isinstance(spec, nn.Module):
         return Backbone(module=spec, feature_dim=_module_feature_dim(spec, feature_dim))

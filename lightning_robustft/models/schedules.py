@@ -58,5 +58,5 @@ class WarmupCosineLR(LambdaLR):
 
 
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> WarmupCosineLR:
-    """The default schedule, :class:`WarmupCosineLR`, over ``total_steps`` with ``warmup_steps`` of warm-up."""
+    """The default schedule, `WarmupCosineLR`, over ``total_steps`` with ``warmup_steps`` of warm-up."""
     return WarmupCosineLR(optimizer, warmup_steps=warmup_steps, total_steps=total_steps)
