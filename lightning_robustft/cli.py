@@ -80,7 +80,8 @@ class RobustFTCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Say where the run's checkpoints, logs and saved ``config.yaml`` are."""
-        lines = [f"Logs and config.yaml: {self.trainer.log_dir}"]
+        log_dir = self.trainer.log_dir
+        lines = [f"Logs and config.yaml: {log_dir}" if log_dir else "Logs: none (no logger)"]
         for callback in self.trainer.checkpoint_callbacks:
             best = callback.best_model_path or "-"
             last = callback.last_model_path or "-"
