@@ -78,7 +78,8 @@ class ImageClassifier(LightningModule):
         optimizer: an optimizer factory (LightningCLI ``OptimizerCallable``); default AdamW with ``lr`` and
             ``weight_decay`` (no decay on biases and norm parameters).
         lr_scheduler: a scheduler factory; default: linear warm-up over ``warmup_steps`` then cosine decay to zero,
-            stepped every optimizer step.
+            stepped every optimizer step (``WarmupCosineLR``: a fit resumed with a larger ``max_epochs`` follows the
+            longer schedule from the checkpoint's step).
         lr: learning rate of the default optimizer.
         weight_decay: weight decay of the default optimizer.
         warmup_steps: warm-up of the default schedule, in optimizer steps (an ``int``) or as a fraction of all
