@@ -144,7 +144,19 @@ def test_doc_block(path: Path, index: int, scratch: Path, monkeypatch: pytest.Mo
         raise AssertionError(f"the code block at {where} fails: {type(error).__name__}: {error}") from error
 
 
-def test_every_file_has_its_blocks_found() -> None:
-    # The parsers see the blocks they should: a change in the Markdown or in sybil must not silently drop them.
-    cli_md = [example.line for example in EXAMPLES[ROOT / "docs" / "cli.md"] if example.region.evaluator is not None]
-    assert len(cli_md) >= 3 and len(CASES) >= 40
+def test_blocks_are_found_in_every_form() -> None:
+    # Fenced at the margin or indented in a list item, each language goes to its evaluator: a change in the Markdown
+    # or in sybil must not silently drop blocks from the test.
+    languages = {
+        (path.name, example.region.lexemes["arguments"])
+        for path, examples in EXAMPLES.items()
+        for example in examples
+        if isinstance(example.parsed, str)
+    }
+    assert {("cli.md", "bash"), ("cli.md", "yaml"), ("README.md", "python"), ("demo.md", "python")} <= languages
+    indented = [
+        example
+        for example in EXAMPLES[ROOT / "docs" / "cli.md"]
+        if isinstance(example.parsed, str) and "--trainer.callbacks+=" in example.parsed
+    ]
+    assert len(indented) == 1 and indented[0].region.evaluator is run_shell
