@@ -175,10 +175,10 @@ def test_resume_with_a_longer_schedule_follows_the_new_length(image_folders, tmp
 
 
 def test_schedule_stays_at_zero_past_its_end_and_checkpoints_only_the_step():
-    from lightning_robustft.models.schedules import warmup_cosine
+    from lightning_robustft.models.schedules import WarmupCosineLR
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=4)
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=0, total_steps=4)
     lrs = []
     for _ in range(7):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -188,7 +188,7 @@ def test_schedule_stays_at_zero_past_its_end_and_checkpoints_only_the_step():
     state = scheduler.state_dict()
     assert state["last_epoch"] == 7 and state["lr_lambdas"] == [None]
     # The same keys whatever the warm-up, so a checkpoint of one length loads into a schedule of another.
-    other = warmup_cosine(optimizer, warmup_steps=3, total_steps=40)
+    other = WarmupCosineLR(optimizer, warmup_steps=3, total_steps=40)
     assert set(other.state_dict()) == set(state)
     other.load_state_dict(state)
     assert other.last_epoch == 7

@@ -34,7 +34,7 @@ from lightning_robustft.models.distillation import (
     logit_distillation_loss,
 )
 from lightning_robustft.models.prompts import resolve_prompt_names, resolve_templates
-from lightning_robustft.models.schedules import warmup_cosine
+from lightning_robustft.models.schedules import WarmupCosineLR
 
 
 class ImageClassifier(LightningModule):
@@ -281,7 +281,7 @@ class ImageClassifier(LightningModule):
             total = int(self.trainer.estimated_stepping_batches)
             warmup = self.hparams.warmup_steps
             warmup = int(warmup * total) if isinstance(warmup, float) else int(warmup)
-            scheduler = warmup_cosine(optimizer, warmup_steps=min(warmup, max(total - 1, 0)), total_steps=total)
+            scheduler = WarmupCosineLR(optimizer, warmup_steps=min(warmup, max(total - 1, 0)), total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------- evaluation

@@ -55,8 +55,3 @@ class WarmupCosineLR(LambdaLR):
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base_lr * self.factor(self.last_epoch)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> WarmupCosineLR:
-    """The default schedule, `WarmupCosineLR`, over ``total_steps`` with ``warmup_steps`` of warm-up."""
-    return WarmupCosineLR(optimizer, warmup_steps=warmup_steps, total_steps=total_steps)
