@@ -13,8 +13,8 @@ class WarmupCosineLR(LambdaLR):
     """Linear warm-up from ``lr / (warmup_steps + 1)`` over ``warmup_steps`` steps, then cosine decay to zero.
 
     One torch ``LambdaLR`` whatever the warm-up, so its checkpointed state has the same keys for every run length.
-    That state is the step count (the multiplier is a closure, which ``LambdaLR`` does not save): a fit resumed with
-    a different ``max_epochs`` rebuilds the schedule for the new total and continues it from the checkpoint's step.
+    That state is the step count (the multiplier and the run's length stay out of it): a fit resumed with a
+    different ``max_epochs`` rebuilds the schedule for the new total and continues it from the checkpoint's step.
     A longer resumed run therefore picks up where the longer cosine is at that step (a higher learning rate than the
     shorter run ended with) and decays to zero at its new end. Past ``total_steps`` the rate stays at zero.
 
@@ -37,7 +37,7 @@ class WarmupCosineLR(LambdaLR):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def state_dict(self) -> dict[str, Any]:
-        """``LambdaLR``'s state without the multiplier (a bound method here, which ``LambdaLR`` would try to save)."""
+        """``LambdaLR``'s state without the multiplier and the lengths, which the rebuilt schedule supplies."""
         state = super().state_dict()
         state["lr_lambdas"] = [None] * len(self.lr_lambdas)
         state.pop("warmup_steps", None)
