@@ -130,3 +130,88 @@ def test_prompt_resolution():
         resolve_templates(["a photo"])
     with pytest.raises(RobustFTConfigError, match="built-in template set"):
         resolve_templates("fancy")
+
+
+class RecordLR(L.Callback):
+    """The learning rate of every training batch, as the optimizer applies it."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def fit_for(folders, tmp_path, max_epochs, ckpt_path=None):
+    """Fit (or resume) a tiny model for ``max_epochs`` epochs of 3 steps; 20 % warm-up, checkpoints in tmp_path."""
+    dm = MultiDomainDataModule(folders["train"], {"id": folders["id"]}, batch_size=4, num_workers=0)
+    model = ImageClassifier(TinyBackbone(), class_names=dm.class_names, lr=0.1, warmup_steps=0.2, print_table=False)
+    recorder = RecordLR()
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[recorder, L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer, recorder.lrs
+
+
+@pytest.mark.parametrize("longer", [1, 2])
+def test_resume_with_a_longer_schedule_follows_the_new_length(image_folders, tmp_path, longer):
+    # 1 epoch = 3 steps: 20 % warm-up rounds to 0 steps; over 2 or 3 epochs it is 1 step. The checkpointed
+    # schedule and the rebuilt one must still load into each other (it used to be `KeyError: '_schedulers'`).
+    fit_for(image_folders, tmp_path, max_epochs=1)
+    trainer, resumed = fit_for(image_folders, tmp_path, 1 + longer, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert trainer.global_step == 3 * (1 + longer)
+    _, fresh = fit_for(image_folders, tmp_path / "fresh", 1 + longer)
+    # The resumed steps use the longer run's schedule, from the checkpoint's step on, and decay toward zero.
+    assert resumed == pytest.approx(fresh[3:])
+    assert resumed == sorted(resumed, reverse=True) and resumed[0] > 0.01
+
+
+def test_schedule_stays_at_zero_past_its_end_and_checkpoints_only_the_step():
+    from lightning_robustft.models.schedules import WarmupCosineLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=0, total_steps=4)
+    lrs = []
+    for _ in range(7):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1.0) and lrs[4:] == pytest.approx([0.0, 0.0, 0.0])
+    state = scheduler.state_dict()
+    assert state["last_epoch"] == 7 and state["lr_lambdas"] == [None]
+    # The same keys whatever the warm-up, so a checkpoint of one length loads into a schedule of another.
+    other = WarmupCosineLR(optimizer, warmup_steps=3, total_steps=40)
+    assert set(other.state_dict()) == set(state)
+    other.load_state_dict(state)
+    assert other.last_epoch == 7
+
+
+def test_timm_weights_unreachable_names_the_model_and_the_random_spec(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(RobustFTConfigError, match=r"pretrained weights of 'timm:resnet18'.*'timm:resnet18:random'"):
+        ImageClassifier("timm:resnet18", num_classes=3)
+
+
+def test_torchvision_download_failure_names_the_model_and_the_random_spec(monkeypatch):
+    from urllib.error import URLError
+
+    def no_network(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", no_network)
+    with pytest.raises(RobustFTConfigError, match=r"'torchvision:resnet18'.*URLError.*'torchvision:resnet18:random'"):
+        ImageClassifier("torchvision:resnet18", num_classes=3)
+
+
+def test_open_clip_unknown_tag_lists_the_valid_tags():
+    with pytest.raises(RobustFTConfigError, match=r"no pretrained tag 'nosuch'.*Valid tags: \['openai', "):
+        ImageClassifier("open_clip:ViT-B-32:nosuch", num_classes=3)

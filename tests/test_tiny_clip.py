@@ -123,3 +123,21 @@ def test_rebuild_command_runs_and_writes_a_loadable_checkpoint(tmp_path, capsys)
     assert "step     2/2" in printed and "| OOD average |" in printed
     model = open_clip.create_model(register_tiny_clip(), pretrained=str(out))
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+def test_building_the_tiny_clip_backbone_warns_nothing():
+    import warnings
+
+    from lightning_robustft.models.backbones import build_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Converting a tensor with requires_grad=True to a scalar"
+        built = build_backbone(f"open_clip:{TINY_CLIP_NAME}:{TINY_CLIP_PRETRAINED_TAG}")
+    assert built.zeroshot_weights is not None
+
+
+def test_unknown_tiny_clip_tag_lists_the_valid_ones():
+    from lightning_robustft.models.backbones import build_backbone
+
+    with pytest.raises(RobustFTConfigError, match=r"no pretrained tag 'nosuchtag'.*Valid tags: \['mnist'\]"):
+        build_backbone(f"open_clip:{TINY_CLIP_NAME}:nosuchtag")

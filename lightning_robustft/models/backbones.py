@@ -1,12 +1,7 @@
 """Backbone factory: a spec string (or a module) -> image feature extractor, its transforms, CLIP's text side.
 
-Spec strings name where the weights come from, so a YAML file can switch families without code:
-
-- ``open_clip:<model>[:<pretrained tag or file>]`` — e.g. ``open_clip:ViT-B-32:openai``,
-  ``open_clip:ViT-B-16:/ckpts/clip.pt``, ``open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K``, or the shipped
-  demo model ``open_clip:robustft-tiny-clip:mnist``.
-- ``timm:<model>[:pretrained|random]`` — e.g. ``timm:vit_base_patch16_clip_224.openai`` (default ``pretrained``).
-- ``torchvision:<model>[:<weights name>|random]`` — e.g. ``torchvision:resnet50:IMAGENET1K_V2`` (default ``DEFAULT``).
+The spec strings (``open_clip:...``, ``timm:...``, ``torchvision:...``) are listed in ``build_backbone``'s
+docstring, which the API reference renders.
 
 Only the image tower is kept as the backbone; for CLIP the text tower is used once to build the zero-shot head and
 then dropped, so the fine-tuned model carries no dead weight.
@@ -17,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,12 +47,26 @@ class Backbone:
 
 
 def build_backbone(spec: str | nn.Module, feature_dim: int | None = None) -> Backbone:
-    """Build a :class:`Backbone` from a spec string or wrap a ready module.
+    """Build a [`Backbone`][lightning_robustft.models.backbones.Backbone] from a spec string or wrap a ready module.
+
+    Spec strings name where the weights come from, so a YAML file switches families without code:
+
+    - `open_clip:<model>[:<pretrained tag or file>]`, e.g. `open_clip:ViT-B-32:openai`,
+      `open_clip:ViT-B-16:/ckpts/clip.pt`, `open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K`, or the shipped
+      demo model `open_clip:robustft-tiny-clip:mnist`; with no tag the weights are random.
+    - `timm:<model>[:pretrained|random]`, e.g. `timm:vit_base_patch16_clip_224.openai` (default `pretrained`).
+    - `torchvision:<model>[:<weights name>|random]`, e.g. `torchvision:resnet50:IMAGENET1K_V2` (default `DEFAULT`).
+
+    Weights that cannot be fetched (offline, no cache) and unknown models or tags are errors that name the spec and
+    the fix (the valid tags, or the `:random` form).
 
     Args:
-        spec: a spec string (see the module docstring) or an ``nn.Module`` that maps images to features.
+        spec: a spec string or an `nn.Module` that maps images to features.
         feature_dim: the feature width of a module given directly, when it has none of the attributes
-            ``num_features``, ``output_dim``, ``embed_dim``, ``out_features``.
+            `num_features`, `output_dim`, `embed_dim`, `out_features`.
+
+    Raises:
+        RobustFTConfigError: an unknown kind, model, tag or weights name, or weights that could not be fetched.
     """
     if isinstance(spec, nn.Module):
         return Backbone(module=spec, feature_dim=_module_feature_dim(spec, feature_dim))
@@ -111,14 +121,13 @@ def _open_clip_backbone(rest: str) -> Backbone:
     try:
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     except RuntimeError as err:
-        if name not in open_clip.list_models() and not name.startswith("hf-hub:"):
-            raise RobustFTConfigError(
-                f"open_clip has no model {name!r}. Known models include {open_clip.list_models()[:8]} ... "
-                "(see open_clip.list_models())."
-            ) from err
-        raise
+        clear = _open_clip_error(name, tag, err)
+        if clear is None:
+            raise
+        raise clear from err
     tokenizer = open_clip.get_tokenizer(name)
-    logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    # A constant of the zero-shot head, read once: detached, so no autograd history is turned into a float.
+    logit_scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
 
     @torch.no_grad()
     def zeroshot_weights(class_names: Sequence[str], templates: Sequence[Any]) -> torch.Tensor:
@@ -148,6 +157,44 @@ def _resolve_shipped_weights(name: str, tag: str | None) -> str | None:
     return tag
 
 
+def _open_clip_error(name: str, tag: str | None, err: RuntimeError) -> RobustFTConfigError | None:
+    """A clear error for open_clip's ``RuntimeError`` (unknown model or tag, weights it could not fetch), else None."""
+    import open_clip
+
+    from lightning_robustft.models import tiny_clip
+
+    if name not in _open_clip_models() and not name.startswith("hf-hub:"):
+        return RobustFTConfigError(
+            f"open_clip has no model {name!r}. Known models include {_open_clip_models()[:8]} ... "
+            "(see open_clip.list_models())."
+        )
+    tags = list(open_clip.list_pretrained_tags_by_model(name))
+    if name == tiny_clip.TINY_CLIP_NAME:
+        tags.append(tiny_clip.TINY_CLIP_PRETRAINED_TAG)
+    if tag is not None and tag not in tags and not Path(tag).exists():
+        return RobustFTConfigError(
+            f"open_clip model {name!r} has no pretrained tag {tag!r} and no file of that name exists. Valid tags: "
+            f"{tags}; or give a checkpoint file path, or 'open_clip:{name}' for random weights."
+        )
+    if tag in tags and "download" in str(err).lower():
+        return RobustFTConfigError(
+            f"Could not fetch the pretrained weights of 'open_clip:{name}:{tag}' ({err}). Download them once with "
+            "network access (they are cached under HF_HOME), or give a local checkpoint file as the tag: "
+            f"'open_clip:{name}:/path/to/weights.pt'."
+        )
+    return None
+
+
+def _open_clip_models() -> list[str]:
+    """open_clip's architecture names, the shipped tiny CLIP included."""
+    import open_clip
+
+    from lightning_robustft.models import tiny_clip
+
+    tiny_clip.register_tiny_clip()
+    return list(open_clip.list_models())
+
+
 def _timm_backbone(rest: str) -> Backbone:
     _require("timm", "timm")
     import timm
@@ -159,6 +206,12 @@ def _timm_backbone(rest: str) -> Backbone:
         module = timm.create_model(name, pretrained=tag != "random", num_classes=0)
     except RuntimeError as err:
         raise RobustFTConfigError(f"timm cannot create {name!r}: {err}. See timm.list_models().") from err
+    except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, connection errors
+        raise RobustFTConfigError(
+            f"Could not fetch the pretrained weights of 'timm:{name}' from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}). Download them once with network access (they are cached under HF_HOME; "
+            f"HF_HUB_OFFLINE=1 allows only the cache), or use 'timm:{name}:random' for random weights."
+        ) from err
     config = timm.data.resolve_data_config({}, model=module)
     return Backbone(
         module=module,
@@ -182,7 +235,16 @@ def _torchvision_backbone(rest: str) -> Backbone:
     weights = (
         None if tag == "random" else (default_weights if tag in (None, "DEFAULT") else _weights(weights_enum, tag))
     )
-    module = models.get_model(name, weights=weights)
+    try:
+        module = models.get_model(name, weights=weights)
+    except OSError as err:  # URLError, HTTPError, connection errors of the download
+        import torch.hub
+
+        raise RobustFTConfigError(
+            f"Could not download the torchvision weights {weights} of 'torchvision:{name}' "
+            f"({type(err).__name__}: {err}). Download them once with network access (they are cached in "
+            f"{torch.hub.get_dir()}/checkpoints), or use 'torchvision:{name}:random' for random weights."
+        ) from err
     feature_dim = _drop_last_linear(module, name)
     eval_transform = (weights or default_weights).transforms()
     return Backbone(module=module, feature_dim=feature_dim, train_transform=None, eval_transform=eval_transform)

@@ -35,7 +35,7 @@ from lightning_robustft.models.distillation import (
     logit_distillation_loss,
 )
 from lightning_robustft.models.prompts import resolve_prompt_names, resolve_templates
-from lightning_robustft.models.schedules import warmup_cosine
+from lightning_robustft.models.schedules import WarmupCosineLR
 
 
 class ImageClassifier(LightningModule):
@@ -79,7 +79,8 @@ class ImageClassifier(LightningModule):
         optimizer: an optimizer factory (LightningCLI ``OptimizerCallable``); default AdamW with ``lr`` and
             ``weight_decay`` (no decay on biases and norm parameters).
         lr_scheduler: a scheduler factory; default: linear warm-up over ``warmup_steps`` then cosine decay to zero,
-            stepped every optimizer step.
+            stepped every optimizer step (``WarmupCosineLR``: a fit resumed with a larger ``max_epochs`` follows the
+            longer schedule from the checkpoint's step).
         lr: learning rate of the default optimizer.
         weight_decay: weight decay of the default optimizer.
         warmup_steps: warm-up of the default schedule, in optimizer steps (an ``int``) or as a fraction of all
@@ -281,7 +282,7 @@ class ImageClassifier(LightningModule):
             total = int(self.trainer.estimated_stepping_batches)
             warmup = self.hparams.warmup_steps
             warmup = int(warmup * total) if isinstance(warmup, float) else int(warmup)
-            scheduler = warmup_cosine(optimizer, warmup_steps=min(warmup, max(total - 1, 0)), total_steps=total)
+            scheduler = WarmupCosineLR(optimizer, warmup_steps=min(warmup, max(total - 1, 0)), total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------- evaluation

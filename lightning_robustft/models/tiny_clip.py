@@ -47,7 +47,7 @@ def register_tiny_clip() -> str:
     process. Call this before ``open_clip.create_model*`` or ``open_clip.get_tokenizer`` with the name.
 
     Returns:
-        The model name, :data:`TINY_CLIP_NAME`.
+        The model name, `TINY_CLIP_NAME`.
     """
     import open_clip
 
