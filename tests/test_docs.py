@@ -34,7 +34,12 @@ BASE_CONFIG = ROOT / "configs" / "demo.yaml"
 #: The top-level keys of a ``robustft`` config (``LightningCLI``'s ``fit`` subcommand).
 CONFIG_KEYS = {"seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path"}
 #: Values for the environment variables that the docs' configs interpolate with ``${oc.env:...}``.
-DOC_ENVIRONMENT = {"DATA": "/data/example", "DOMAINNET_ROOT": "/data/domainnet", "IMAGENET_ROOT": "/data/imagenet"}
+DOC_ENVIRONMENT = {
+    "DATA": "/data/example",
+    "DOMAINNET_ROOT": "/data/domainnet",
+    "IMAGENET_ROOT": "/data/imagenet",
+    "WILDS_ROOT": "/data/wilds",
+}
 SHELL_TIMEOUT_S = 120
 
 
