@@ -29,6 +29,20 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = [
+    "HF_PREFIX",
+    "WILDS_PREFIX",
+    "LabeledSet",
+    "SetSource",
+    "folder_classes",
+    "index_folder_classes",
+    "open_set",
+    "raise_unparsed_class_path",
+    "resolve_source",
+    "source_classes",
+    "subset_indices",
+]
+
 SetSource = Dataset | str | os.PathLike
 """A set: a dataset object, a folder path or a ``hf:`` / ``wilds:`` source string.
 
