@@ -11,6 +11,9 @@ import of the module ``a.b`` when that module exists, else of ``a``. The parent 
 way to a module (``lightning_robustft/__init__.py`` first of all) are not counted as imports of the importing module:
 the rule is about what a module's own code depends on.
 
+Two conventions the mkdocs site depends on are checked here too: every public module declares ``__all__``, and
+docstrings are Markdown (mkdocstrings renders Sphinx roles such as ``:class:`X``` literally).
+
 Every test is parametrised by one module or one import, so a failure names the module, the line and the import.
 """
 
@@ -164,6 +167,18 @@ WITHOUT_ALL = {
 }
 
 
+# Modules whose docstrings still use Sphinx roles, owned by branches being edited while this test was written.
+WITH_SPHINX_ROLES = {
+    f"{PACKAGE}.cli",
+    f"{PACKAGE}.data.demo",
+    f"{PACKAGE}.data.demo_datamodule",
+    f"{PACKAGE}.models.backbones",
+    f"{PACKAGE}.models.distillation",
+    f"{PACKAGE}.models.tiny_clip",
+}
+SPHINX_ROLE = re.compile(r":(?:meth|func|class|attr|mod|data|exc|obj|const):`[^`]*`")
+
+
 def _params(imports: list[Import]) -> list:
     return [
         pytest.param(
@@ -285,3 +300,36 @@ def test_public_module_declares_all(module: str) -> None:
     assert not set(names) - bound, f"{module}: `__all__` lists names the module does not bind: {set(names) - bound}."
     public = {name for name in defined if not name.startswith("_")}
     assert public <= set(names), f"{module}: public names missing from `__all__`: {sorted(public - set(names))}."
+
+
+def _docstrings(tree: ast.Module) -> Iterable[ast.Constant]:
+    """Every string statement: the docstrings of the module, classes and functions, and attribute docstrings."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            yield node.value
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(
+            m,
+            marks=[pytest.mark.xfail(strict=True, reason="owned by a branch being edited: replace its roles at merge")]
+            if m in WITH_SPHINX_ROLES
+            else [],
+        )
+        for m in MODULES
+    ],
+)
+def test_docstrings_use_no_sphinx_roles(module: str) -> None:
+    """mkdocstrings reads docstrings as Markdown: write `name` or [`name`][dotted.path], never :func:`name`."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found = [
+        f"line {doc.lineno + doc.value.count(chr(10), 0, role.start())}: {role.group()}"
+        for doc in _docstrings(tree)
+        for role in SPHINX_ROLE.finditer(doc.value)
+    ]
+    assert not found, (
+        f"{module} uses Sphinx roles, which the docs site shows literally: {found}. Write `name` in backticks, or "
+        "[`name`][lightning_robustft.module.name] where the target is rendered in the API pages."
+    )
