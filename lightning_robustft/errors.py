@@ -2,8 +2,8 @@
 
 Errors are raised by cause, as open_clip's factory does: a configuration mistake (an argument outside its domain, a
 strategy or a combination of callbacks the package cannot serve, a name that does not exist, a checkpoint resumed
-with other settings) raises :class:`RobustFTConfigError`; a configuration value of the wrong type raises
-:class:`RobustFTConfigTypeError`; a missing file raises ``FileNotFoundError``; a missing optional package raises
+with other settings) raises `RobustFTConfigError`; a configuration value of the wrong type raises
+`RobustFTConfigTypeError`; a missing file raises ``FileNotFoundError``; a missing optional package raises
 ``ImportError`` naming the extra to install (``lightning_robustft._optional.require``). ``ops/`` holds pure tensor
 functions without Lightning, so it raises plain ``ValueError`` / ``TypeError``.
 """
@@ -31,13 +31,13 @@ class RobustFTConfigError(MisconfigurationException, ValueError):
 class RobustFTConfigTypeError(RobustFTConfigError, TypeError):
     """A configuration value of the wrong type (e.g. ``p="0.9"`` or ``p=True`` where a number is expected).
 
-    Also a ``TypeError``, as Python raises for a value of the wrong type, and a :class:`RobustFTConfigError`, so one
+    Also a ``TypeError``, as Python raises for a value of the wrong type, and a `RobustFTConfigError`, so one
     ``except RobustFTConfigError`` catches every configuration mistake.
     """
 
 
 def check_config_number(name: str, value: Any, interval: str, *, integer: bool = False, hint: str = "") -> Any:
-    """:func:`~lightning_robustft._validation.check_number` for a configuration argument (a constructor's).
+    """`lightning_robustft._validation.check_number` for a configuration argument (a constructor's).
 
     Returns:
         ``float(value)``, or ``value`` itself with ``integer=True``.

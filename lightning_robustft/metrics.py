@@ -18,6 +18,17 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = [
+    "METRIC_NAMES",
+    "OOD_AVERAGE",
+    "MetricName",
+    "format_results_table",
+    "make_metric_collection",
+    "ood_average",
+    "restrict_to_subset",
+    "sanitize_set_name",
+]
+
 MetricName = Literal["acc", "acc5", "macro_acc", "macro_f1"]
 METRIC_NAMES: tuple[str, ...] = ("acc", "acc5", "macro_acc", "macro_f1")
 OOD_AVERAGE = "ood_avg"

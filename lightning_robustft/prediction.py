@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = ["Format", "PredictionWriter"]
+
 Format = Literal["csv", "parquet"]
 
 

@@ -1,4 +1,4 @@
-"""Transition shim: the old home of the callbacks' shared checks, now :mod:`lightning_robustft.callbacks._shared`.
+"""Transition shim: the old home of the callbacks' shared checks, now `lightning_robustft.callbacks._shared`.
 
 Kept only so that branches written against it (``gmixout.py``) still import while they are merged; it is deleted once
 they import from ``_shared`` (the old ``refuse_unsupported(why=...)`` form and ``is_real`` live here until then).
@@ -56,7 +56,7 @@ def refuse_unsupported(
     fix: str = USE_DDP,
     manual_optimization: str | None = None,
 ) -> None:
-    """The old form of :func:`lightning_robustft.callbacks._shared.refuse_unsupported` (a reason per strategy)."""
+    """The old form of `lightning_robustft.callbacks._shared.refuse_unsupported` (a reason per strategy)."""
     for cls, reason in why.items():
         if isinstance(strategy, cls):
             raise RobustFTConfigError(

@@ -7,13 +7,13 @@ and a user who learned one callback's lifecycle knows them all. Model: Lightning
 
 The convention, hook by hook (a callback leaves out the hooks it does not need):
 
-* ``__init__``: validate the arguments (:func:`~lightning_robustft.errors.check_config_number`,
-  :func:`check_dotted_name`, :func:`check_selection`) and store them; no module or trainer yet.
+* ``__init__``: validate the arguments (`check_config_number`, `check_dotted_name`, `check_selection`) and store them;
+  no module or trainer yet.
 * ``setup``: ``if stage != TrainerFn.FITTING: return`` (the one stage test); refuse what cannot be served
-  (:func:`refuse_unsupported`), resolve dotted names (:func:`resolve_submodule`) and parameter globs
-  (:func:`select_parameters`), reset the state of a previous fit; module surgery that optimizers must see (LoRA's
+  (`refuse_unsupported`), resolve dotted names (`resolve_submodule`) and parameter globs
+  (`select_parameters`), reset the state of a previous fit; module surgery that optimizers must see (LoRA's
   adapters) and hooks (the dropout pre-hook) are installed here, before ``configure_optimizers``.
-* ``on_fit_start``: checks that need the strategy's wrapped model (:func:`require_unused_parameters`); snapshots
+* ``on_fit_start``: checks that need the strategy's wrapped model (`require_unused_parameters`); snapshots
   of the starting weights (WiSE-FT's theta_0).
 * ``on_train_start``: tensors that need the model on its device and any checkpoint restored (anchors).
 * **Giving the module back.** Whatever a callback changed on the module (hooks, adapters, ``requires_grad`` flags,
@@ -28,8 +28,8 @@ The convention, hook by hook (a callback leaves out the hooks it does not need):
 * ``teardown``: frees the callback's own memory (moves anchors off the accelerator) and calls the method above
   (a no-op after ``on_train_end``).
 * State: small scalars in ``state_dict`` / ``load_state_dict`` (the constructor's settings win; a changed setting
-  warns through :func:`warn_if_settings_changed`); tensors in ``on_save_checkpoint`` / ``on_load_checkpoint`` under
-  a documented key, read with :func:`checkpoint_entry` and copied in with :func:`load_named_tensors`.
+  warns through `warn_if_settings_changed`); tensors in ``on_save_checkpoint`` / ``on_load_checkpoint`` under
+  a documented key, read with `checkpoint_entry` and copied in with `load_named_tensors`.
 * Submodules are named by their role, as ``ImageClassifier`` names its attributes: ``head`` (the classification
   head) and ``backbone`` (the pretrained part), dotted names resolved with ``get_submodule``.
 """
@@ -175,7 +175,7 @@ def refuse_unsupported(
 
     Called in a callback's ``setup``, before any weight is touched, so that a run fails at once with the reason
     instead of training wrongly (a sharded weight read as a whole, an optimizer hook that never runs). The strategies
-    refused are those of :data:`SHARDED_STRATEGIES` (subclasses included); every other strategy (single device, DDP
+    refused are those of `SHARDED_STRATEGIES` (subclasses included); every other strategy (single device, DDP
     and its spawn / fork variants) keeps whole tensors on every rank.
 
     Args:

@@ -52,9 +52,10 @@ class LoRACallback(Callback):
     Checkpoints saved during fit hold the adapted structure (``...base_layer.weight``, ``...lora_A.default.weight``,
     ``...lora_B.default.weight``). Resume such a run with the same callback in the Trainer (``ckpt_path=``): the
     adapters are injected in ``setup``, before Lightning loads the checkpoint, so the run continues exactly. To turn
-    such a checkpoint into a plain model without training, use :meth:`inject`, load the state dict, then
-    :meth:`merge`. A checkpoint saved after fit (merged) is a plain model: load its weights into a new model and start
-    a new fit rather than resuming it with ``ckpt_path``.
+    such a checkpoint into a plain model without training, use
+    [`inject`][lightning_robustft.callbacks.lora.LoRACallback.inject], load the state dict, then
+    [`merge`][lightning_robustft.callbacks.lora.LoRACallback.merge]. A checkpoint saved after fit (merged) is a plain
+    model: load its weights into a new model and start a new fit rather than resuming it with ``ckpt_path``.
 
     Default targets (``target_modules=None`` and ``target_parameters=None``) are the ``nn.Linear`` layers of the
     submodule, and the fused query/key/value weight ``in_proj_weight`` of every ``nn.MultiheadAttention`` (through

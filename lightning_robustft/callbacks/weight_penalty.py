@@ -56,7 +56,7 @@ class WeightPenaltyCallback(Callback):
 
     The anchors ``w0`` are fp32 copies of the target tensors (fp64 for fp64 weights), taken on the training device
     when training starts (``on_train_start``); never a copy of the module. They go into every checkpoint under
-    ``"weight_penalty_anchors"`` (:data:`ANCHORS_CHECKPOINT_KEY`), so a resumed fit pulls toward the original
+    ``"weight_penalty_anchors"`` (`ANCHORS_CHECKPOINT_KEY`), so a resumed fit pulls toward the original
     ``w0``, not toward the weights it resumes from. After fit they move to the CPU to free accelerator memory. Nothing
     is added to the module: the trained model is the plain model. Sharded strategies (FSDP, DeepSpeed, model
     parallel) and manual optimization are refused in ``setup``.
@@ -65,10 +65,10 @@ class WeightPenaltyCallback(Callback):
     ``*`` also crosses dots). By default: every trainable floating-point parameter outside the ``head`` submodule,
     biases and norms included, as in L2-SP. The head is new, so it has no pretrained value to be pulled toward; L2-SP
     gives it plain weight decay, which the optimizer's ``weight_decay`` already provides. The targets are resolved in
-    ``on_fit_start``, after every callback's ``setup``, so the place of this callback in ``trainer.callbacks`` does
-    not matter: with :class:`~lightning_robustft.callbacks.LoRACallback` the trainable tensors are the LoRA factors
-    (the base weights are frozen), so the penalty pulls ``lora_A`` toward its initial value and ``lora_B`` toward
-    zero, i.e. the update ``B @ A`` toward nothing and the merged weights toward the pretrained ones.
+    ``on_fit_start``, after every callback's ``setup``, so the place of this callback in ``trainer.callbacks`` does not
+    matter: with [`LoRACallback`][lightning_robustft.callbacks.lora.LoRACallback] the trainable tensors are the LoRA
+    factors (the base weights are frozen), so the penalty pulls ``lora_A`` toward its initial value and ``lora_B``
+    toward zero, i.e. the update ``B @ A`` toward nothing and the merged weights toward the pretrained ones.
 
     Args:
         strength: the penalty coefficient (``alpha`` in the L2-SP paper), finite and ``>= 0``; 0 disables the

@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 from lightning_robustft._optional import require
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = ["HFImageSet"]
+
 
 class HFImageSet(Dataset):
     """One split of a Hugging Face dataset, returning ``(PIL image, label)``, with ``classes`` from its features.

@@ -20,6 +20,8 @@ from lightning_robustft.data.sets import (
 )
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = ["Augment", "MultiDomainDataModule", "PredictSource"]
+
 PredictSource = Dataset | dict[str, SetSource] | str | os.PathLike
 """One prediction set, or ``{name: set}``; the mapping comes before ``str`` for the reason given at ``SetSource``."""
 

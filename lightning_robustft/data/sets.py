@@ -4,8 +4,8 @@ A set is one of
 
 - an image folder in ``ImageFolder`` layout (``<root>/<class name>/<image>``);
 - a dataset object with a ``classes`` attribute (a ``class_path`` in YAML), or a Hugging Face ``datasets.Dataset``;
-- ``"hf:<hub name or local path>[:<split>]"``: a Hugging Face dataset (:class:`~lightning_robustft.data.hf.HFImageSet`);
-- ``"wilds:<dataset>:<split>"``: a WILDS split (:class:`~lightning_robustft.data.wilds.WildsSet`), read under the
+- ``"hf:<hub name or local path>[:<split>]"``: a Hugging Face dataset (`HFImageSet`);
+- ``"wilds:<dataset>:<split>"``: a WILDS split (`WildsSet`), read under the
   data module's ``wilds_root``.
 
 Problems are found when the data module is built, not an hour into training: a missing or empty folder, or a class
@@ -28,6 +28,20 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from lightning_robustft.errors import RobustFTConfigError
+
+__all__ = [
+    "HF_PREFIX",
+    "WILDS_PREFIX",
+    "LabeledSet",
+    "SetSource",
+    "folder_classes",
+    "index_folder_classes",
+    "open_set",
+    "raise_unparsed_class_path",
+    "resolve_source",
+    "source_classes",
+    "subset_indices",
+]
 
 SetSource = Dataset | str | os.PathLike
 """A set: a dataset object, a folder path or a ``hf:`` / ``wilds:`` source string.
@@ -130,7 +144,7 @@ def source_classes(
 
     Args:
         set_name: the set's name, for error messages.
-        source: a folder path or a dataset (see :func:`resolve_source`).
+        source: a folder path or a dataset (see `resolve_source`).
         all_classes: the data module's class list, needed when ``by_index``.
         by_index: the folder's class folders are class indices (``0``, ``1``, ... as ImageNetV2 ships them), each
             naming the class at that index of ``all_classes``.

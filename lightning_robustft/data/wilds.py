@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 from lightning_robustft._optional import require
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = ["WildsSet"]
+
 
 class WildsSet(Dataset):
     """One split of a WILDS dataset, returning ``(PIL image, label)``, with a ``classes`` list.

@@ -22,7 +22,14 @@ from torchmetrics import MeanMetric
 
 from lightning_robustft.errors import RobustFTConfigError
 
-__all__ = ["dataloader_names", "evaluate_accuracy", "named_dataloaders", "resolve_id_set", "trainer_validation_sets"]
+__all__ = [
+    "ForwardContext",
+    "dataloader_names",
+    "evaluate_accuracy",
+    "named_dataloaders",
+    "resolve_id_set",
+    "trainer_validation_sets",
+]
 
 ForwardContext = Callable[[], contextlib.AbstractContextManager[Any]]
 

@@ -13,7 +13,7 @@ micro-batch. Its gradient is known in closed form, so it is added to the gradien
 
 Floating-point contract: anchors are kept in fp32 (fp64 for fp64 parameters); arithmetic runs in that precision
 whatever the parameter dtype (fp32 / bf16 / fp16), with multi-tensor ``torch._foreach_*`` ops, and the gradients are
-rounded back to their own dtype once. Low-precision temporaries are bounded by :data:`BUCKET_NUMEL` elements.
+rounded back to their own dtype once. Low-precision temporaries are bounded by `BUCKET_NUMEL` elements.
 
 Pure tensor functions without Lightning: bad input raises ``TypeError`` (not a tensor, not floating point) or
 ``ValueError`` (mismatched lists, shapes, devices; a bad ``strength`` or ``norm``).
@@ -60,7 +60,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def make_anchors(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Detached copies of ``params`` in :func:`compute_dtype`, on their devices and with their strides.
+    """Detached copies of ``params`` in `compute_dtype`, on their devices and with their strides.
 
     Only the target tensors are copied (never a module), and in fp32, so a bf16 / fp16 model's anchors hold its
     pretrained values exactly.
@@ -91,7 +91,7 @@ def add_penalty_grad_(
     Args:
         params: the current weights ``w``.
         anchors: one anchor ``a`` per parameter (same shape and device; any floating dtype, fp32 from
-            :func:`make_anchors`).
+            `make_anchors`).
         grads: one gradient per parameter (same shape, dtype and device), or ``None`` where a parameter got no
             gradient (frozen, or unused in this step): it gets no penalty either.
         strength: the penalty coefficient, finite and ``>= 0``.
@@ -137,7 +137,7 @@ def penalty_value(
     """The penalty itself, differentiable with respect to ``params``: the reference the gradients are checked against.
 
     ``"l2"``: ``strength/2 * sum ||w - a||^2``; ``"l1"``: ``strength * sum ||w - a||_1``, summed over the tensors in
-    fp32 (fp64 for fp64 parameters). ``torch.autograd.grad`` of it gives what :func:`add_penalty_grad_` adds.
+    fp32 (fp64 for fp64 parameters). ``torch.autograd.grad`` of it gives what `add_penalty_grad_` adds.
 
     Returns:
         A 0-dim tensor on the first parameter's device (0 for an empty list).
@@ -228,7 +228,7 @@ def _check_companions(
 def _buckets(
     chosen: Sequence[int], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
 ) -> Iterator[list[int]]:
-    """Indices grouped by (device, gradient dtype), in order, each group cut at :data:`BUCKET_NUMEL` elements.
+    """Indices grouped by (device, gradient dtype), in order, each group cut at `BUCKET_NUMEL` elements.
 
     Multi-tensor kernels take one device and dtype per call; the cut bounds the temporaries.
     """

@@ -5,13 +5,13 @@ arithmetic), each one more trip through memory; measured on ViT-S/16 that made m
 of a copy of the same bytes. ``torch.compile`` turns each pass into one vectorised, OpenMP-parallel C++ loop that
 reads every operand once: the mask word of 32 entries is loaded once and its bits are tested in registers.
 
-The loops work on *rows* of :data:`ROW` = 32 entries, one int32 mask word per row (bit ``k`` of word ``r`` is entry
+The loops work on *rows* of `ROW` = 32 entries, one int32 mask word per row (bit ``k`` of word ``r`` is entry
 ``32r + k``, which is how the torch path's packed bytes read as little-endian int32). The tail of a tensor (fewer
 than 32 entries) and every tensor on a machine where Inductor cannot compile (no C++ compiler, an unsupported Python)
-take the eager ops of :mod:`lightning_robustft.ops.mixout._torch`. The two evaluations agree to fp32 rounding: eager
+take the eager ops of `lightning_robustft.ops.mixout._torch`. The two evaluations agree to fp32 rounding: eager
 ``torch.lerp`` fuses the multiply-add, the generated code does not. Each is deterministic.
 
-A new mask's random bytes are compared with the threshold by :func:`classify_bytes`, eight bytes per int64 in
+A new mask's random bytes are compared with the threshold by `classify_bytes`, eight bytes per int64 in
 registers, exact integer arithmetic, so its compiled and eager evaluations agree bitwise.
 
 Compiled once per process and dtype; the number of rows is a symbolic size, so all targets share one compiled loop.
@@ -102,8 +102,8 @@ def classify_bytes(words: torch.Tensor, bits: torch.Tensor, tied: torch.Tensor, 
         words: ``(n,)`` int64, the random bytes.
         bits: ``(n,)`` uint8 (written).
         tied: ``(n,)`` uint8 (written).
-        above: 0-d int64, :func:`byte_pattern` of ``255 - h``.
-        equal: 0-d int64, :func:`byte_pattern` of ``h``.
+        above: 0-d int64, `byte_pattern` of ``255 - h``.
+        equal: 0-d int64, `byte_pattern` of ``h``.
     """
     low7 = (words & _LOW7) + (above & _LOW7)
     bits.copy_(_byte_msbs((words & above) | ((words | above) & low7)))
@@ -133,13 +133,13 @@ compiled graph per dtype serves every model, and a pass over a ViT costs a few c
 
 def mix_group(outs: list[torch.Tensor], ws: list[torch.Tensor], anchors: list[torch.Tensor],
               words: list[torch.Tensor], c: torch.Tensor) -> None:  # fmt: skip
-    """:func:`mix_rows` over :data:`GROUP` tensors."""
+    """`mix_rows` over `GROUP` tensors."""
     for out, w, a, m in zip(outs, ws, anchors, words, strict=True):
         mix_rows(out, w, a, m, c)
 
 
 def scale_grad_group(gs: list[torch.Tensor], words: list[torch.Tensor], s: torch.Tensor) -> None:
-    """:func:`scale_grad_rows` over :data:`GROUP` tensors."""
+    """`scale_grad_rows` over `GROUP` tensors."""
     for g, m in zip(gs, words, strict=True):
         scale_grad_rows(g, m, s)
 
@@ -159,7 +159,7 @@ def _compiled() -> tuple[Callable[..., None], Callable[..., None], Callable[...,
 class FusedRows:
     """Runs the compiled loops, or says where it could not.
 
-    The loops: :func:`mix_rows` / :func:`scale_grad_rows` over many tensors, and :func:`classify_bytes` for mask draws.
+    The loops: `mix_rows` / `scale_grad_rows` over many tensors, and `classify_bytes` for mask draws.
 
     Compilation happens on the first call per loop and dtype. If it fails (typically: no working C++ compiler), one
     warning says so and every later call does nothing and reports it; nothing was written by a failed call, since the
@@ -174,16 +174,16 @@ class FusedRows:
     def mix(
         self, jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], c: torch.Tensor
     ) -> list[bool]:
-        """Compiled :func:`mix_rows` over ``(out, w, a, words)`` rows; whether each job was done."""
+        """Compiled `mix_rows` over ``(out, w, a, words)`` rows; whether each job was done."""
         return self._run(0, jobs, c, lambda pad: pad)
 
     def scale_grads(self, jobs: list[tuple[torch.Tensor, ...]], s: torch.Tensor) -> list[bool]:
-        """Compiled :func:`scale_grad_rows` over ``(g, words)`` rows; whether each job was done."""
+        """Compiled `scale_grad_rows` over ``(g, words)`` rows; whether each job was done."""
         return self._run(1, jobs, s, lambda pad: (pad[0], pad[3]))
 
     def classify(self, words: torch.Tensor, bits: torch.Tensor, tied: torch.Tensor, above: torch.Tensor,
                  equal: torch.Tensor) -> bool:  # fmt: skip
-        """Compiled :func:`classify_bytes` (1-D tensors of any length); whether it was done."""
+        """Compiled `classify_bytes` (1-D tensors of any length); whether it was done."""
         for t in (words, bits, tied):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         return self._call(2, words, bits, tied, above, equal)

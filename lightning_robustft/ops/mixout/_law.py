@@ -42,7 +42,7 @@ def stream_seed(seed: int, period: int, index: int) -> int:
     """The 64-bit seed of the mask stream of tensor ``index`` in period ``period``.
 
     A pure function, so every rank, every resumed run and both backends derive the same stream key without
-    communication: the torch path seeds a :class:`torch.Generator` with it, the Triton path uses it as the Philox key.
+    communication: the torch path seeds a `torch.Generator` with it, the Triton path uses it as the Philox key.
     Chained SplitMix64 rounds make neighbouring ``(period, index)`` pairs give unrelated keys.
 
     Args:
@@ -57,7 +57,7 @@ def stream_seed(seed: int, period: int, index: int) -> int:
 
 
 def block_key(seed: int, period: int, index: int, block: int) -> int:
-    """The generator seed of one block of the torch path's mask: one more SplitMix64 round over :func:`stream_seed`.
+    """The generator seed of one block of the torch path's mask: one more SplitMix64 round over `stream_seed`.
 
     Block ``block`` covers elements ``[block*MASK_BLOCK, (block+1)*MASK_BLOCK)`` of tensor ``index`` in period
     ``period``; its own key makes a block's bits independent of how the others are drawn (order, chunking).

@@ -1,4 +1,4 @@
-"""The front end of the GMixout passes: :class:`MixoutPasses`, its argument checks and the choice of backend.
+"""The front end of the GMixout passes: `MixoutPasses`, its argument checks and the choice of backend.
 
 It imports the torch backend and the mask law; the Triton backend is imported only when a run selects it, so that
 importing the package never needs Triton (and so that ``TRITON_INTERPRET`` can still be set before the kernels are
@@ -159,7 +159,9 @@ class MixoutPasses:
     pure function of ``(seed, period r, tensor index i, element index)`` for a given backend; ``M = 1`` with
     probability ``1 - p`` ("kept"), ``0`` with probability ``p`` ("held at the anchor").
 
-    Between :meth:`mix_in` and :meth:`mix_out` / :meth:`restore` each target tensor's ``.data`` is the ``w~`` buffer;
+    Between [`mix_in`][lightning_robustft.ops.mixout.MixoutPasses.mix_in] and
+    [`mix_out`][lightning_robustft.ops.mixout.MixoutPasses.mix_out] /
+    [`restore`][lightning_robustft.ops.mixout.MixoutPasses.restore] each target tensor's ``.data`` is the ``w~`` buffer;
     its own storage, holding ``w``, is untouched and comes back on mix-out. Code that keeps a separate alias of a
     target's storage (``t.data``, a view) sees ``w`` throughout; the tensor object itself sees ``w~``.
 
@@ -180,7 +182,7 @@ class MixoutPasses:
             current values become the anchors (the pretrained weights).
         p: Probability in ``[0, 1)`` of holding an entry at the anchor; ``0`` disables the mask.
         seed: Mask seed, an integer in ``[0, 2**64)``; the same on every rank.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``, see :func:`resolve_backend`.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, see `resolve_backend`.
 
     Raises:
         TypeError: An argument of the wrong type (a target that is not a tensor, a ``p`` or ``seed`` that is not a
@@ -221,7 +223,12 @@ class MixoutPasses:
 
     @property
     def mixed(self) -> bool:
-        """True between :meth:`mix_in` and :meth:`mix_out` / :meth:`restore`: the parameters hold ``w~``."""
+        """Whether the parameters hold ``w~``.
+
+        True between [`mix_in`][lightning_robustft.ops.mixout.MixoutPasses.mix_in] and
+        [`mix_out`][lightning_robustft.ops.mixout.MixoutPasses.mix_out] /
+        [`restore`][lightning_robustft.ops.mixout.MixoutPasses.restore].
+        """
         return self._learned is not None
 
     @property
@@ -271,7 +278,7 @@ class MixoutPasses:
         """Point the targets back at ``w`` and ``g <- M_period*g/(1-p)`` in place.
 
         Args:
-            period: The period given to the matching :meth:`mix_in`.
+            period: The period given to the matching [`mix_in`][lightning_robustft.ops.mixout.MixoutPasses.mix_in].
             grads: One gradient per target (same shape and dtype), or ``None`` where a target got no gradient.
 
         Raises:

@@ -6,10 +6,10 @@ per-period Philox keys, plus a block table mapping each program to ``(tensor, bl
 built once and rebuilt only if a tensor's storage moves.
 
 The mask is never stored: ``M = 1`` iff ``u >= p`` with ``u`` a Philox uniform regenerated in every pass from the key
-:func:`~lightning_robustft.ops.mixout.stream_seed` ``(seed, period, tensor)`` and the element's index. One Philox call
-yields four uniforms (``tl.rand4x``), so element ``e`` of a tensor uses output ``(e // COLS) % 4`` of counter
-``(e // (4*COLS))*COLS + e % COLS`` with ``COLS = PHILOX_COLS``: a fixed definition, independent of the launch's block
-size, so the interpreted kernels (large blocks) draw the bits the compiled ones (small blocks) draw.
+`stream_seed` ``(seed, period, tensor)`` and the element's index. One Philox call yields four uniforms (``tl.rand4x``),
+so element ``e`` of a tensor uses output ``(e // COLS) % 4`` of counter ``(e // (4*COLS))*COLS + e % COLS`` with
+``COLS = PHILOX_COLS``: a fixed definition, independent of the launch's block size, so the interpreted kernels (large
+blocks) draw the bits the compiled ones (small blocks) draw.
 
 Compiled-code notes (checked by compiling for sm_90 without a GPU, see the tests): base addresses carry an alignment
 hint when every address in the launch is 16-byte aligned, block starts are multiples of the block size, and blocks that
