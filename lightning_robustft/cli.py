@@ -29,6 +29,8 @@ from lightning_robustft.data.multi_domain import MultiDomainDataModule
 from lightning_robustft.models.classifier import ImageClassifier
 from lightning_robustft.prediction import PredictionWriter
 
+__all__ = ["DATA_TO_MODEL_LINKS", "TRACEBACK_ENV", "RobustFTCLI", "cli_main", "find_user_error", "main"]
+
 #: data-module attribute -> ImageClassifier argument, filled in when the data module is instantiated.
 DATA_TO_MODEL_LINKS: dict[str, str] = {
     "class_names": "class_names",

@@ -20,6 +20,8 @@ from torch import nn
 
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = ["BACKBONE_KINDS", "Backbone", "Transform", "build_backbone"]
+
 BACKBONE_KINDS = ("open_clip", "timm", "torchvision")
 Transform = Callable[[Any], Any]
 

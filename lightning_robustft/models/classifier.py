@@ -37,6 +37,8 @@ from lightning_robustft.models.distillation import (
 from lightning_robustft.models.prompts import resolve_prompt_names, resolve_templates
 from lightning_robustft.models.schedules import WarmupCosineLR
 
+__all__ = ["ImageClassifier"]
+
 
 class ImageClassifier(LightningModule):
     """Fine-tune an image backbone with a linear head; validate on an ID set and any number of named OOD sets.

@@ -101,7 +101,7 @@ class FrozenTeacher(nn.Module):
     """The model at the start of fine-tuning, ``backbone -> (normalise) -> head``, frozen and always in eval mode.
 
     Args:
-        backbone: the student's backbone; it is copied (:func:`frozen_copy`), never shared.
+        backbone: the student's backbone; it is copied (`frozen_copy`), never shared.
         head: the student's head; copied likewise.
         normalize_features: L2-normalise the backbone's features before the head (CLIP backbones).
     """

@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = ["DEFAULT_TEMPLATES", "Template", "resolve_prompt_names", "resolve_templates"]
+
 Template = str | Callable[[str], str]
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 

@@ -8,6 +8,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+__all__ = ["WarmupCosineLR"]
+
 
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up from ``lr / (warmup_steps + 1)`` over ``warmup_steps`` steps, then cosine decay to zero.

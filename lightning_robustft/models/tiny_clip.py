@@ -25,6 +25,14 @@ from pathlib import Path
 
 from lightning_robustft.errors import RobustFTConfigError
 
+__all__ = [
+    "TINY_CLIP_NAME",
+    "TINY_CLIP_PRETRAINED_TAG",
+    "register_tiny_clip",
+    "tiny_clip_checkpoint",
+    "tiny_clip_config_path",
+]
+
 TINY_CLIP_NAME = "robustft-tiny-clip"
 """The open_clip model name the config is registered under."""
 
