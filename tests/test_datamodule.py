@@ -33,7 +33,7 @@ def test_loaders_are_named_and_subset_labels_index_the_full_class_list(image_fol
 
 def test_missing_path_names_the_set_and_the_path(image_folders, tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(RobustFTConfigError, match=r"Set 'sketch': path .*nowhere.* does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"Set 'sketch': path .*nowhere.* does not exist"):
         MultiDomainDataModule(image_folders["train"], {"id": image_folders["id"], "sketch": missing})
 
 

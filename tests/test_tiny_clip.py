@@ -88,7 +88,7 @@ def test_zero_shot_classifier_beats_chance_by_far(loaded):
 
 def test_missing_checkpoint_says_how_to_rebuild(monkeypatch, tmp_path):
     monkeypatch.setattr(tiny_clip, "_ASSETS", tmp_path)
-    with pytest.raises(RobustFTConfigError, match=r"scripts/pretrain_tiny_clip.py --out"):
+    with pytest.raises(FileNotFoundError, match=r"scripts/pretrain_tiny_clip.py --out"):
         tiny_clip.tiny_clip_checkpoint()
 
 

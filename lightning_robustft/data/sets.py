@@ -57,7 +57,7 @@ def folder_classes(set_name: str, root: str | os.PathLike) -> list[str]:
     path = Path(root).expanduser()
     layout = "ImageFolder layout: <root>/<class name>/<image files>"
     if not path.exists():
-        raise RobustFTConfigError(f"Set {set_name!r}: path {str(path)!r} does not exist. Fix the path ({layout}).")
+        raise FileNotFoundError(f"Set {set_name!r}: path {str(path)!r} does not exist. Fix the path ({layout}).")
     if not path.is_dir():
         raise RobustFTConfigError(f"Set {set_name!r}: path {str(path)!r} is not a folder ({layout}).")
     classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())

@@ -9,7 +9,6 @@ then dropped, so the fine-tuned model carries no dead weight.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_robustft._optional import require
 from lightning_robustft.errors import RobustFTConfigError
 
 __all__ = ["BACKBONE_KINDS", "Backbone", "Transform", "build_backbone"]
@@ -98,13 +98,6 @@ def _module_feature_dim(module: nn.Module, feature_dim: int | None) -> int:
         f"Cannot tell the feature width of backbone {type(module).__name__}: it has none of the attributes "
         "num_features / output_dim / embed_dim / out_features. Pass `feature_dim=` explicitly."
     )
-
-
-def _require(package: str, extra: str) -> None:
-    if importlib.util.find_spec(package) is None:
-        raise RobustFTConfigError(
-            f"The backbone needs the package {package!r}: `pip install lightning-robustft[{extra}]`."
-        )
 
 
 def _split_tag(rest: str) -> tuple[str, str | None]:
@@ -198,8 +191,7 @@ def _open_clip_models() -> list[str]:
 
 
 def _timm_backbone(rest: str) -> Backbone:
-    _require("timm", "timm")
-    import timm
+    timm = require("timm", "timm", feature="A timm backbone")
 
     name, tag = _split_tag(rest)
     if tag not in (None, "pretrained", "random"):

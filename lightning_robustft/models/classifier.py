@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.errors import RobustFTConfigError, check_config_number
 from lightning_robustft.evaluation.loop import dataloader_names
 from lightning_robustft.metrics import (
     OOD_AVERAGE,
@@ -391,15 +390,8 @@ def _resolve_num_classes(num_classes: int | None, class_names: list[str] | None)
 def _check_distill(distill: str, weight: float, temperature: float) -> None:
     if distill not in DISTILL_MODES:
         raise RobustFTConfigError(f"`distill`={distill!r}; allowed: 'none', 'logits', 'features'.")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise RobustFTConfigError(f"`distill_weight`={weight!r} must be a finite number >= 0.")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise RobustFTConfigError(f"`distill_temperature`={temperature!r} must be a finite number > 0.")
+    check_config_number("distill_weight", weight, "[0, inf)", hint="the weight of the distillation loss")
+    check_config_number("distill_temperature", temperature, "(0, inf)", hint="the softmax temperature, e.g. 2")
 
 
 def _compute_and_reset(collection: Any) -> dict[str, float]:

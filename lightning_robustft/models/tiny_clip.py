@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_robustft.errors import RobustFTConfigError
-
 __all__ = [
     "TINY_CLIP_NAME",
     "TINY_CLIP_PRETRAINED_TAG",
@@ -68,11 +66,11 @@ def tiny_clip_checkpoint() -> Path:
     """The shipped pretrained weights, a file that ``open_clip.create_model(..., pretrained=path)`` loads.
 
     Raises:
-        RobustFTConfigError: if the file is missing (e.g. an install without package data); it says how to rebuild.
+        FileNotFoundError: if the file is missing (e.g. an install without package data); it says how to rebuild.
     """
     path = _ASSETS / _CHECKPOINT_NAME
     if not path.is_file():
-        raise RobustFTConfigError(
+        raise FileNotFoundError(
             f"The tiny CLIP checkpoint is missing: {path} does not exist. Reinstall lightning-robustft with its "
             f"package data, or rebuild it with `python scripts/pretrain_tiny_clip.py --out {path}`."
         )
