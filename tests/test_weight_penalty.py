@@ -21,11 +21,9 @@ from _gmixout_helpers import (
     make_batches,
     make_loader,
     make_model,
-    make_trainer,
-    params_of,
 )
-from conftest import TinyBackbone
-from lightning.pytorch import Callback, LightningModule, Trainer
+from _helpers import Recorder, TinyBackbone, make_trainer, params_of
+from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
@@ -391,23 +389,13 @@ def test_resuming_with_other_targets_is_refused(tmp_path: Path) -> None:
         trainer.fit(make_model(), make_loader(1), ckpt_path=tmp_path / "step1.ckpt")
 
 
-class GradProbe(Callback):
-    """Records the gradients the optimizer is given, after every other callback's ``on_before_optimizer_step``."""
-
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
-
-
 def test_gradient_is_penalised_only_on_targets() -> None:
-    probe_plain, probe = GradProbe(), GradProbe()
+    probe_plain, probe = Recorder(), Recorder()
     _fit([probe_plain], 1)
     _fit([WeightPenaltyCallback(strength=0.3, targets=["backbone.3.weight"]), probe], 1)
     # Step 0: w == w0, so the L2 penalty's gradient is zero and every gradient is the plain one.
     assert_params_equal(probe.grads[0], probe_plain.grads[0])
-    probe_plain, probe = GradProbe(), GradProbe()
+    probe_plain, probe = Recorder(), Recorder()
     _fit([probe_plain], 2)
     _fit([WeightPenaltyCallback(strength=0.3, norm="l1", targets=["backbone.3.weight"]), probe], 2)
     changed = [n for n in probe.grads[1] if not torch.equal(probe.grads[1][n], probe_plain.grads[1][n])]
