@@ -26,6 +26,7 @@ __all__ = [
     "Recorder",
     "TinyBackbone",
     "TinyNet",
+    "assert_states_equal",
     "make_image_loader",
     "make_trainer",
     "params_of",
@@ -108,6 +109,13 @@ def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
 def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """Detached clones of ``module``'s parameters only (what an optimizer changes)."""
     return {name: param.detach().clone() for name, param in module.named_parameters()}
+
+
+def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same names and bitwise the same tensors; the message lists the names that differ."""
+    assert actual.keys() == expected.keys(), f"names differ: {sorted(actual.keys() ^ expected.keys())}"
+    different = [name for name in expected if not torch.equal(actual[name], expected[name])]
+    assert not different, f"tensors differ: {different}"
 
 
 Probe = Callable[[Trainer, LightningModule], Any]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import Recorder, TinyNet, make_trainer, state_copy
+from _helpers import Recorder, TinyNet, assert_states_equal, make_trainer, state_copy
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -122,12 +122,6 @@ def _wiseft(tmp_path: Path) -> WiSEFTCallback:
     return WiSEFTCallback(alphas=[0.5], alpha=0.5, dirpath=str(tmp_path), save_model=False)
 
 
-def _assert_states_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert list(got) == list(expected)
-    for name, value in expected.items():
-        assert torch.equal(got[name], value), name
-
-
 @pytest.mark.parametrize(
     "order",
     [
@@ -155,7 +149,7 @@ def test_wiseft_interpolates_w_never_the_mixed_weights_whatever_its_place(
 
     made = {GMixoutCallback: lambda: GMixoutCallback(p=0.9, seed=0), WiSEFTCallback: lambda: _wiseft(tmp_path)}
     model = _fit([*(made[cls]() for cls in order), StopInsideAStep()], tmp_path, **stop)
-    _assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
+    assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
 
 
 @pytest.mark.parametrize("other", [WiSEFTCallback, GMixoutCallback])
@@ -173,7 +167,7 @@ def test_lora_with_wiseft_or_gmixout_is_refused_in_either_order(other: type, lor
         make_trainer(callbacks if lora_first else callbacks[::-1], max_epochs=1, root=tmp_path).fit(
             model, _train_loader()
         )
-    _assert_states_equal(state_copy(model), before)  # refused before the adapters were injected
+    assert_states_equal(state_copy(model), before)  # refused before the adapters were injected
 
 
 def test_lora_with_the_weight_penalty_works_in_either_order_and_keeps_the_update_small(tmp_path: Path) -> None:
@@ -185,7 +179,7 @@ def test_lora_with_the_weight_penalty_works_in_either_order_and_keeps_the_update
         targets.append(penalty.target_names)
     # The penalty acts on what trains: the LoRA factors (the base weights are frozen), whichever callback is first.
     assert targets == [["backbone.0.lora_A.default.weight", "backbone.0.lora_B.default.weight"]] * 2
-    _assert_states_equal(finals[0], finals[1])
+    assert_states_equal(finals[0], finals[1])
     start = state_copy(_fit([], tmp_path, epochs=0))
     assert list(finals[0]) == list(start), "the plain model after fit: adapters merged"
     lora_alone = state_copy(_fit([LoRACallback(r=2, alpha=4)], tmp_path, epochs=3))
@@ -205,5 +199,5 @@ def test_wiseft_and_lp_ft_in_either_order_interpolate_the_lp_ft_weights(
     made = {LPFTCallback: lambda: LPFTCallback(probe_epochs=1), WiSEFTCallback: lambda: _wiseft(tmp_path)}
     with pytest.warns(UserWarning, match="no validation sets"):
         model = _fit([made[cls]() for cls in order], tmp_path, epochs=2)
-    _assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
+    assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
     assert all(param.requires_grad for param in model.parameters()) and model.backbone[1].training

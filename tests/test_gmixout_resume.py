@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from _gmixout_helpers import assert_params_equal, make_loader, make_model
-from _helpers import Recorder, make_trainer, params_of
+from _gmixout_helpers import make_loader, make_model
+from _helpers import Recorder, assert_states_equal, make_trainer, params_of
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_robustft.callbacks.gmixout import ANCHORS_CHECKPOINT_KEY, GMixoutCallback
@@ -53,7 +53,7 @@ def test_resumed_run_is_bitwise_the_straight_run(tmp_path: Path, resample_every:
 
     assert resumed_cb.seed == first_cb.seed == straight_cb.seed
     assert resumed_cb.step == straight_cb.step == 7
-    assert_params_equal(params_of(resumed), params_of(straight))
+    assert_states_equal(params_of(resumed), params_of(straight))
     for got, want in zip(resumed_cb.passes.anchors, straight_cb.passes.anchors, strict=True):
         assert torch.equal(got, want)
     assert not torch.equal(straight_cb.passes.anchors[0], params_of(make_model())[TARGETS[0]])

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import BoringModel, TinyNet, make_trainer, state_copy
+from _helpers import BoringModel, TinyNet, assert_states_equal, make_trainer, state_copy
 from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -42,12 +42,6 @@ WHOLE_WEIGHT_CALLBACKS: list[Callable[[], Callback]] = [
     LPFTCallback,
     WiSEFTCallback,
 ]
-
-
-def _assert_states_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert list(got) == list(expected)
-    for name, value in expected.items():
-        assert torch.equal(got[name], value), name
 
 
 def _assert_computes_as_plain(model: TinyNet, state: dict[str, torch.Tensor]) -> None:
@@ -80,7 +74,7 @@ def test_sharded_strategies_are_refused_before_the_module_changes(
         RobustFTConfigError, match=rf"^{name} does not support strategy[= ]{strategy_cls.__name__}: .+ Use "
     ):
         callback.setup(trainer, model, TrainerFn.FITTING)  # type: ignore[arg-type]
-    _assert_states_equal(state_copy(model), before)
+    assert_states_equal(state_copy(model), before)
     assert all(param.requires_grad for param in model.parameters())
 
 
@@ -118,7 +112,7 @@ def test_a_wrong_submodule_name_lists_the_real_ones_and_leaves_the_model(
         r"\['backbone', 'head'\]\. Pass the dotted name",
     ):
         make_trainer([make()], max_epochs=1, root=tmp_path).fit(model, _loader())
-    _assert_states_equal(state_copy(model), before)
+    assert_states_equal(state_copy(model), before)
     _assert_computes_as_plain(model, before)
 
 
@@ -260,5 +254,5 @@ def test_a_fit_with_nothing_to_train_leaves_the_plain_model(make: Callable[[], C
     model = TinyNet()
     before = state_copy(model)
     make_trainer([make()], max_epochs=1, root=tmp_path, limit_train_batches=0).fit(model, _loader())
-    _assert_states_equal(state_copy(model), before)  # no LoRA keys left
+    assert_states_equal(state_copy(model), before)  # no LoRA keys left
     _assert_computes_as_plain(model, before)
