@@ -1,5 +1,6 @@
-"""GMixout test helpers: a tiny LightningModule, its data, a hand-written GMixout reference for the callback tests,
-and float64 references of the passes with the checks that the torch and Triton backends' tests share."""
+"""GMixout test helpers (the shared ones are in ``_helpers``): a LightningModule with failure switches, its data, a
+hand-written GMixout reference for the callback tests, and float64 references of the passes with the checks that the
+torch and Triton backends' tests share."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import _helpers as helpers
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from _helpers import assert_states_equal, make_trainer, params_of
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,7 +21,29 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_robustft.callbacks.gmixout import GMixoutCallback
 from lightning_robustft.ops.mixout import MixoutPasses, mix_scale
 
+__all__ = [
+    "ManualModel",
+    "Recorder",
+    "TinyClassifier",
+    "anchor_reference",
+    "assert_mixed_close",
+    "assert_params_close",
+    "assert_params_equal",  # = _helpers.assert_states_equal, for the GMixout tests that import it from here
+    "check_pass_semantics",
+    "make_batches",
+    "make_loader",
+    "make_model",
+    "make_targets",
+    "make_trainer",  # the shared factory, re-exported for the GMixout tests that import it from here
+    "mixin_reference",
+    "mixout_grad_reference",
+    "move",
+    "params_of",  # likewise
+    "reference_gmixout",
+]
+
 FEATURES, CLASSES, BATCH = 12, 3, 8
+assert_params_equal = assert_states_equal
 
 
 class TinyClassifier(LightningModule):
@@ -83,48 +108,21 @@ def make_loader(n_batches: int, seed: int = 1) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
 
 
-def make_trainer(callbacks: Sequence[Callback], max_steps: int, **kwargs: Any) -> Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    options.update(kwargs)
-    return Trainer(callbacks=list(callbacks), **options)
+class Recorder(helpers.Recorder):
+    """The shared recorder, plus GMixout's step counter and anchors after every optimizer step."""
 
-
-def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: param.detach().clone() for name, param in module.named_parameters()}
-
-
-class Recorder(Callback):
-    """Records what the optimizer is given (after GMixout's mix-out) and the weights after every optimizer step."""
-
-    def __init__(self, names: Sequence[str] | None = None) -> None:
-        self.names = names
-        self.grads: list[dict[str, torch.Tensor]] = []
-        self.after_step: list[dict[str, torch.Tensor]] = []
+    def __init__(self) -> None:
+        super().__init__()
         self.steps: list[int] = []
         self.anchors: list[list[torch.Tensor]] = []
-        self._last_global_step = 0
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if trainer.global_step == self._last_global_step:
-            return
-        self._last_global_step = trainer.global_step
-        self.after_step.append(params_of(pl_module))
-        gmixout = next(cb for cb in trainer.callbacks if isinstance(cb, GMixoutCallback))
-        self.steps.append(gmixout.step)
-        self.anchors.append([anchor.clone() for anchor in gmixout.passes.anchors])
+        recorded = len(self.after_step)
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if len(self.after_step) > recorded:
+            gmixout = next(cb for cb in trainer.callbacks if isinstance(cb, GMixoutCallback))
+            self.steps.append(gmixout.step)
+            self.anchors.append([anchor.clone() for anchor in gmixout.passes.anchors])
 
 
 def reference_gmixout(
@@ -173,12 +171,6 @@ def assert_params_close(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
-
-
-def assert_params_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert actual.keys() == expected.keys()
-    different = [name for name in expected if not torch.equal(actual[name], expected[name])]
-    assert not different, f"parameters differ: {different}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

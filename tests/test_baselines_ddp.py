@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyBackbone, make_image_loader, state_copy
+from _helpers import TinyBackbone, make_image_loader, make_trainer, state_copy
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.multiprocessing import ProcessRaisedException
 
@@ -34,19 +34,8 @@ def make_model(**kwargs: object) -> ImageClassifier:
 
 
 def fit_on_two_ranks(tmp_path: Path, model: ImageClassifier, callbacks: list[Callback], strategy: str) -> list[dict]:
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_epochs=2,
-        callbacks=[*callbacks, SaveRankState(str(tmp_path))],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    callbacks = [*callbacks, SaveRankState(str(tmp_path))]
+    trainer = make_trainer(callbacks, max_epochs=2, root=tmp_path, devices=2, strategy=strategy)
     trainer.fit(model, make_image_loader(32))
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 

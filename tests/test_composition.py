@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TinyNet, make_epoch_trainer, state_copy
+from _helpers import Recorder, TinyNet, assert_states_equal, make_trainer, state_copy
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robustft.callbacks import (
@@ -29,34 +27,6 @@ from lightning_robustft.callbacks import (
 )
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.interpolate import interpolate_state_dicts
-
-
-class Net(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self(batch[0])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.5)
-
-
-class Recorder(Callback):
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start = {k: v.clone() for k, v in pl_module.state_dict().items()}
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.theta_1 = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
 def _data() -> tuple[DataLoader, dict[str, DataLoader]]:
@@ -73,7 +43,7 @@ def _data() -> tuple[DataLoader, dict[str, DataLoader]]:
 
 
 def _accuracy(state: dict[str, torch.Tensor], loader: DataLoader) -> float:
-    model = Net()
+    model = TinyNet()
     model.load_state_dict(state)
     model.eval()
     with torch.no_grad():
@@ -83,24 +53,14 @@ def _accuracy(state: dict[str, torch.Tensor], loader: DataLoader) -> float:
 def test_gmixout_dropout_head_and_wiseft_together(tmp_path: Path) -> None:
     seed_everything(0)
     train, val = _data()
-    model = Net()
+    model = TinyNet()
     module_types = [type(m) for m in model.modules()]
     recorder = Recorder()
     wise = WiSEFTCallback(alphas=[0.0, 0.5, 1.0])
-    trainer = Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[recorder, GMixoutCallback(p=0.9, seed=0), DropoutHeadCallback(p=0.5), wise],
-    )
-    trainer.fit(model, train, val)
+    callbacks = [recorder, GMixoutCallback(p=0.9, seed=0), DropoutHeadCallback(p=0.5), wise]
+    make_trainer(callbacks, max_epochs=2, root=tmp_path).fit(model, train, val)
 
-    start, theta_1 = recorder.start, recorder.theta_1
+    start, theta_1 = recorder.start, recorder.end
     assert not torch.equal(start["backbone.0.weight"], theta_1["backbone.0.weight"]), "the backbone trained"
     assert all(torch.equal(wise.theta_0[k], v) for k, v in start.items() if v.is_floating_point())
     expected = interpolate_state_dicts(start, theta_1, 0.5)
@@ -108,16 +68,20 @@ def test_gmixout_dropout_head_and_wiseft_together(tmp_path: Path) -> None:
     assert list(final) == list(start), "no parameters or buffers added"
     assert all(torch.equal(final[k], v) for k, v in expected.items())
     assert [type(m) for m in model.modules()] == module_types, "no module replaced"
-    assert len(model.head._forward_pre_hooks) == 0 and len(model.head._forward_hooks) == 0
 
     rows = json.loads((tmp_path / "wiseft.json").read_text())["rows"]
     for row, state in ((rows[0], start), (rows[-1], theta_1)):
         for name, loader in val.items():
             assert abs(row[name] - _accuracy(state, loader)) < 1e-6
 
-    plain = Net()
+    plain = TinyNet()
     plain.load_state_dict(torch.load(tmp_path / "wiseft_alpha0.50.ckpt", weights_only=True)["state_dict"])
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in final.items())
+    # No dropout hook left on the head: in train mode the model computes what a plain copy of its weights computes.
+    model.train()
+    plain.train()
+    x = torch.randn(64, 6)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -150,18 +114,12 @@ def _train_loader() -> DataLoader:
 def _fit(callbacks: list[Callback], tmp_path: Path, epochs: int = 1, **kwargs: Any) -> TinyNet:
     seed_everything(0, verbose=False)
     model = TinyNet()
-    make_epoch_trainer(callbacks, epochs, tmp_path, **kwargs).fit(model, _train_loader())
+    make_trainer(callbacks, max_epochs=epochs, root=tmp_path, **kwargs).fit(model, _train_loader())
     return model
 
 
 def _wiseft(tmp_path: Path) -> WiSEFTCallback:
     return WiSEFTCallback(alphas=[0.5], alpha=0.5, dirpath=str(tmp_path), save_model=False)
-
-
-def _assert_states_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert list(got) == list(expected)
-    for name, value in expected.items():
-        assert torch.equal(got[name], value), name
 
 
 @pytest.mark.parametrize(
@@ -191,7 +149,7 @@ def test_wiseft_interpolates_w_never_the_mixed_weights_whatever_its_place(
 
     made = {GMixoutCallback: lambda: GMixoutCallback(p=0.9, seed=0), WiSEFTCallback: lambda: _wiseft(tmp_path)}
     model = _fit([*(made[cls]() for cls in order), StopInsideAStep()], tmp_path, **stop)
-    _assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
+    assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
 
 
 @pytest.mark.parametrize("other", [WiSEFTCallback, GMixoutCallback])
@@ -206,8 +164,10 @@ def test_lora_with_wiseft_or_gmixout_is_refused_in_either_order(other: type, lor
         if other is GMixoutCallback
         else rf"^LoRACallback and {other.__name__} cannot share .+run_wiseft",
     ):
-        make_epoch_trainer(callbacks if lora_first else callbacks[::-1], 1, tmp_path).fit(model, _train_loader())
-    _assert_states_equal(state_copy(model), before)  # refused before the adapters were injected
+        make_trainer(callbacks if lora_first else callbacks[::-1], max_epochs=1, root=tmp_path).fit(
+            model, _train_loader()
+        )
+    assert_states_equal(state_copy(model), before)  # refused before the adapters were injected
 
 
 def test_lora_with_the_weight_penalty_works_in_either_order_and_keeps_the_update_small(tmp_path: Path) -> None:
@@ -219,7 +179,7 @@ def test_lora_with_the_weight_penalty_works_in_either_order_and_keeps_the_update
         targets.append(penalty.target_names)
     # The penalty acts on what trains: the LoRA factors (the base weights are frozen), whichever callback is first.
     assert targets == [["backbone.0.lora_A.default.weight", "backbone.0.lora_B.default.weight"]] * 2
-    _assert_states_equal(finals[0], finals[1])
+    assert_states_equal(finals[0], finals[1])
     start = state_copy(_fit([], tmp_path, epochs=0))
     assert list(finals[0]) == list(start), "the plain model after fit: adapters merged"
     lora_alone = state_copy(_fit([LoRACallback(r=2, alpha=4)], tmp_path, epochs=3))
@@ -239,5 +199,5 @@ def test_wiseft_and_lp_ft_in_either_order_interpolate_the_lp_ft_weights(
     made = {LPFTCallback: lambda: LPFTCallback(probe_epochs=1), WiSEFTCallback: lambda: _wiseft(tmp_path)}
     with pytest.warns(UserWarning, match="no validation sets"):
         model = _fit([made[cls]() for cls in order], tmp_path, epochs=2)
-    _assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
+    assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
     assert all(param.requires_grad for param in model.parameters()) and model.backbone[1].training

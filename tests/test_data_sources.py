@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_image_folder
+from _helpers import write_image_folder
 from PIL import Image
 
 from lightning_robustft import MultiDomainDataModule, RobustFTConfigError

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-import lightning as L
 import pytest
+from _helpers import make_trainer
 
 from lightning_robustft import DemoDataModule, ImageClassifier, RobustFTConfigError
 from lightning_robustft.cli import cli_main
@@ -28,7 +28,7 @@ def test_zero_shot_head_classifies_the_demo_well_above_chance(tmp_path):
     )
     assert model.head.weight.shape == (len(DEMO_CLASSES), model.head.in_features)
     assert model.head.bias.abs().sum() == 0
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = make_trainer(root=tmp_path)
     metrics = trainer.validate(model, data, verbose=False)[0]
     assert metrics["val/id/acc"] > 0.3  # chance is 0.1
     assert metrics["val/ood_avg/acc"] > 0.5

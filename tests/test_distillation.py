@@ -1,11 +1,11 @@
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from conftest import TinyBackbone
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from _helpers import Recorder, TinyBackbone, make_image_loader, make_trainer, state_copy
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_robustft import ImageClassifier, RobustFTConfigError
 from lightning_robustft.callbacks import DropoutHeadCallback
@@ -22,25 +22,10 @@ def make_model(seed: int = 0, **kwargs) -> ImageClassifier:
     return ImageClassifier(TinyBackbone(), num_classes=3, **kwargs)
 
 
-def loader() -> DataLoader:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, 16, 16, generator=generator)
-    y = torch.randint(0, 3, (16,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
-
-
 def fit(model: ImageClassifier, tmp_path, max_epochs: int = 1, callbacks=(), ckpt_path=None) -> L.Trainer:
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-    )
-    trainer.fit(model, train_dataloaders=loader(), ckpt_path=ckpt_path)
+    checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+    trainer = make_trainer(callbacks, max_epochs=max_epochs, root=tmp_path, enable_checkpointing=checkpointing)
+    trainer.fit(model, train_dataloaders=make_image_loader(batch_size=4), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -82,48 +67,38 @@ def test_first_step_loss_and_gradient_are_zero(mode):
     assert max(grad.abs().max().item() for grad in grads) < (1e-7 if mode == "logits" else 1e-30)
 
 
-class Recorder(Callback):
-    """Keeps the first step's distillation loss and the teacher / student weights when training starts and ends."""
-
-    def __init__(self) -> None:
-        self.first_loss = None
-        self.snapshots = {}
-
-    def on_train_start(self, trainer, pl_module):
-        self.snapshots["start"] = self._snapshot(pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.first_loss is None:
-            self.first_loss = float(trainer.callback_metrics["train/distill_loss"])
-
-    def on_train_end(self, trainer, pl_module):
-        self.snapshots["end"] = self._snapshot(pl_module)
-        teacher = pl_module.teacher
-        self.teacher_training = teacher.training or any(m.training for m in teacher.modules())
-        self.teacher_requires_grad = any(p.requires_grad for p in teacher.parameters())
-        self.teacher_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in teacher.modules())
-        self.shared = {p.data_ptr() for p in teacher.parameters()} & {p.data_ptr() for p in pl_module.parameters()}
-
-    @staticmethod
-    def _snapshot(pl_module):
-        clone = lambda state: {k: v.detach().clone() for k, v in state.items()}  # noqa: E731
-        return {"teacher": clone(pl_module.teacher.state_dict()), "student": clone(pl_module.state_dict())}
+def teacher_probe(trainer, pl_module) -> SimpleNamespace:
+    """The teacher and student weights, what fit must keep true of the teacher, and the logged distillation loss."""
+    teacher = pl_module.teacher
+    return SimpleNamespace(
+        teacher=state_copy(teacher),
+        student=state_copy(pl_module),
+        loss=trainer.callback_metrics.get("train/distill_loss"),
+        teacher_training=any(m.training for m in teacher.modules()),
+        teacher_requires_grad=any(p.requires_grad for p in teacher.parameters()),
+        # Private read: a hook copied from the student's head acts only in train mode, so the eval-mode teacher cannot
+        # show it through its outputs.
+        teacher_hooks=sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in teacher.modules()),
+        shared={p.data_ptr() for p in teacher.parameters()} & {p.data_ptr() for p in pl_module.parameters()},
+    )
 
 
 @pytest.mark.parametrize("mode", ["logits", "features"])
 def test_teacher_is_frozen_outside_the_state_dict_and_released(mode, tmp_path):
-    recorder = Recorder()
+    recorder = Recorder(teacher_probe)
     model = make_model(distill=mode)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = state_copy(model)
     # DropoutHeadCallback hooks the student's head: the teacher copy must not inherit the hook.
-    trainer = fit(model, tmp_path, callbacks=[recorder, DropoutHeadCallback(p=0.5)])
-    assert recorder.first_loss is not None and "train/distill_loss" in trainer.callback_metrics
-    start, end = recorder.snapshots["start"], recorder.snapshots["end"]
-    for name, tensor in start["teacher"].items():
-        assert torch.equal(tensor, end["teacher"][name]) and torch.equal(tensor, initial[name])
-    assert any(not torch.equal(start["student"][k], end["student"][k]) for k in start["student"])
-    assert not recorder.teacher_training and not recorder.teacher_requires_grad
-    assert recorder.teacher_hooks == 0 and not recorder.shared
+    fit(model, tmp_path, callbacks=[recorder, DropoutHeadCallback(p=0.5)])
+    start, end = recorder.start, recorder.end
+    assert end.loss is not None, "the distillation loss was logged"
+    assert set(start.teacher) == set(initial)
+    for name, tensor in start.teacher.items():
+        assert torch.equal(tensor, end.teacher[name]) and torch.equal(tensor, initial[name])
+    assert any(not torch.equal(start.student[k], end.student[k]) for k in start.student)
+    for seen in (start, end):
+        assert not seen.teacher_training and not seen.teacher_requires_grad
+        assert seen.teacher_hooks == 0 and not seen.shared
     # The model left after fit is the plain one: same keys as without distillation, no teacher kept.
     assert set(model.state_dict()) == set(make_model().state_dict())
     assert all(k.startswith(("backbone.", "head.")) for k in model.state_dict())
@@ -131,14 +106,16 @@ def test_teacher_is_frozen_outside_the_state_dict_and_released(mode, tmp_path):
 
 
 def test_first_logged_distillation_loss_is_zero(tmp_path):
-    recorder = Recorder()
+    recorder = Recorder(teacher_probe)
     fit(make_model(distill="logits", distill_temperature=4.0), tmp_path, callbacks=[recorder])
-    assert recorder.first_loss == 0.0
+    losses = [float(seen.loss) for seen in recorder.after_step]
+    assert len(losses) == 4 and losses[0] == 0.0
+    assert losses[-1] > 0.0, "the student moved away from the teacher, so the later losses are not zero"
 
 
 def test_checkpoint_holds_the_teacher_beside_a_plain_state_dict(tmp_path):
     model = make_model(distill="features")
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = state_copy(model)
     checkpoint_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     fit(model, tmp_path, callbacks=[checkpoint_cb])
     checkpoint = torch.load(checkpoint_cb.best_model_path, weights_only=False)
@@ -185,10 +162,10 @@ def test_zero_weight_trains_as_without_distillation(tmp_path):
 
 def test_distillation_pulls_toward_the_teacher(tmp_path):
     plain, distilled = make_model(seed=0), make_model(seed=0, distill="features", distill_weight=10.0)
-    initial = {k: v.clone() for k, v in plain.state_dict().items()}
+    initial = state_copy(plain)
     fit(plain, tmp_path / "a", max_epochs=2)
     fit(distilled, tmp_path / "b", max_epochs=2)
-    x = loader().dataset.tensors[0]
+    x = make_image_loader().dataset.tensors[0]
     drift = {}
     for name, model in (("plain", plain), ("distilled", distilled)):
         start = make_model(seed=0)

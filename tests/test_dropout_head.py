@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from _helpers import make_trainer
+from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -64,24 +65,11 @@ def _loader(n: int = 64) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,))), batch_size=32)
 
 
-def _trainer(callback: DropoutHeadCallback, steps: int = 4) -> Trainer:
-    return Trainer(
-        max_steps=steps,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=1,
-        accelerator="cpu",
-    )
-
-
 @pytest.mark.parametrize("p", [0.9, 0.5])
 def test_training_drops_at_rate_p_and_scales_survivors(p: float) -> None:
     torch.manual_seed(0)
     model = OnesFeatures()
-    _trainer(DropoutHeadCallback(p=p)).fit(model, _loader(), _loader())
+    make_trainer([DropoutHeadCallback(p=p)], max_steps=4).fit(model, _loader(), _loader())
     seen = torch.cat(model.train_inputs)
     dropped = (seen == 0).float().mean().item()
     # 4 steps x 32 x 512 = 65536 Bernoulli draws: the standard error of the rate is below 0.002.
@@ -92,8 +80,8 @@ def test_training_drops_at_rate_p_and_scales_survivors(p: float) -> None:
 
 def test_validation_and_the_final_model_are_untouched() -> None:
     model = OnesFeatures()
-    _trainer(DropoutHeadCallback(p=0.9)).fit(model, _loader(), _loader())
-    assert model.val_inputs, "validation ran"
+    make_trainer([DropoutHeadCallback(p=0.9)], max_steps=4, num_sanity_val_steps=1).fit(model, _loader(), _loader())
+    assert len(model.val_inputs) == 1 + 2 * 2, "the sanity check and both epochs' validation ran"
     assert all(torch.equal(x, torch.ones_like(x)) for x in model.val_inputs)
     model.train()
     model(torch.randn(8, 4))
@@ -109,18 +97,18 @@ def _drops_in_train_mode(model: OnesFeatures) -> bool:
 
 def test_no_dropout_left_after_fit_and_after_a_failed_fit() -> None:
     model = OnesFeatures()
-    _trainer(DropoutHeadCallback(p=0.9), steps=2).fit(model, _loader())
+    make_trainer([DropoutHeadCallback(p=0.9)], max_steps=2).fit(model, _loader())
     assert model.train_inputs and not _drops_in_train_mode(model)
     failing = OnesFeatures(fail_at_step=1)
     with pytest.raises(RuntimeError, match="boom"):
-        _trainer(DropoutHeadCallback(p=0.9), steps=3).fit(failing, _loader())
+        make_trainer([DropoutHeadCallback(p=0.9)], max_steps=3).fit(failing, _loader())
     assert (failing.train_inputs[0] == 0).any(), "dropout was on while training"
     assert not _drops_in_train_mode(failing)
 
 
 def test_p_zero_is_the_identity_in_training() -> None:
     model = OnesFeatures()
-    _trainer(DropoutHeadCallback(p=0.0), steps=2).fit(model, _loader())
+    make_trainer([DropoutHeadCallback(p=0.0)], max_steps=2).fit(model, _loader())
     assert all(torch.equal(x, torch.ones_like(x)) for x in model.train_inputs)
 
 
@@ -132,13 +120,13 @@ def test_dotted_head_path() -> None:
             self.model.fc = self.head
 
     model = Nested()
-    _trainer(DropoutHeadCallback(p=0.9, head="model.fc"), steps=2).fit(model, _loader())
+    make_trainer([DropoutHeadCallback(p=0.9, head="model.fc")], max_steps=2).fit(model, _loader())
     assert (torch.cat(model.train_inputs) == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
 
 
 def test_missing_head_lists_the_submodules() -> None:
     with pytest.raises(RobustFTConfigError, match=r"`head`='classifier'.*\['backbone', 'head'\]"):
-        _trainer(DropoutHeadCallback(p=0.9, head="classifier")).fit(OnesFeatures(), _loader())
+        make_trainer([DropoutHeadCallback(p=0.9, head="classifier")], max_steps=4).fit(OnesFeatures(), _loader())
 
 
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan")])

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from _gmixout_helpers import make_loader, make_model, make_trainer, params_of
+from _gmixout_helpers import make_loader, make_model
+from _helpers import make_trainer, params_of
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_robustft.callbacks.gmixout import GMixoutCallback

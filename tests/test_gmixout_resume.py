@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from _gmixout_helpers import assert_params_equal, make_loader, make_model, make_trainer, params_of
+from _gmixout_helpers import make_loader, make_model
+from _helpers import Recorder, assert_states_equal, make_trainer, params_of
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_robustft.callbacks.gmixout import ANCHORS_CHECKPOINT_KEY, GMixoutCallback
@@ -52,7 +53,7 @@ def test_resumed_run_is_bitwise_the_straight_run(tmp_path: Path, resample_every:
 
     assert resumed_cb.seed == first_cb.seed == straight_cb.seed
     assert resumed_cb.step == straight_cb.step == 7
-    assert_params_equal(params_of(resumed), params_of(straight))
+    assert_states_equal(params_of(resumed), params_of(straight))
     for got, want in zip(resumed_cb.passes.anchors, straight_cb.passes.anchors, strict=True):
         assert torch.equal(got, want)
     assert not torch.equal(straight_cb.passes.anchors[0], params_of(make_model())[TARGETS[0]])
@@ -72,19 +73,19 @@ def test_resuming_with_other_levers_warns(tmp_path: Path) -> None:
         _run(_callback(3), 3, global_seed=0, ckpt_path=tmp_path / "step2.ckpt")
 
 
-class AnchorProbe(Callback):
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        gmixout = next(cb for cb in trainer.callbacks if isinstance(cb, GMixoutCallback))
-        self.anchors = [anchor.clone() for anchor in gmixout.passes.anchors]
+def gmixout_anchors(trainer: Trainer, pl_module: LightningModule) -> list[torch.Tensor]:
+    """A ``Recorder`` probe: copies of GMixout's anchors."""
+    gmixout = next(cb for cb in trainer.callbacks if isinstance(cb, GMixoutCallback))
+    return [anchor.clone() for anchor in gmixout.passes.anchors]
 
 
 def test_resuming_from_a_plain_checkpoint_anchors_at_its_weights(tmp_path: Path) -> None:
     plain = make_model()
     make_trainer([], max_steps=2).fit(plain, make_loader(1))
     plain.trainer.save_checkpoint(tmp_path / "plain.ckpt")
-    callback, probe = _callback(1), AnchorProbe()
+    callback, recorder = _callback(1), Recorder(gmixout_anchors)
     with pytest.warns(UserWarning, match="no 'gmixout_anchors'.*checkpoint's weights"):
-        _run(callback, 3, global_seed=0, ckpt_path=tmp_path / "plain.ckpt", extra=[probe])
+        _run(callback, 3, global_seed=0, ckpt_path=tmp_path / "plain.ckpt", extra=[recorder])
     assert callback.step == 1
-    for name, anchor in zip(TARGETS, probe.anchors, strict=True):
+    for name, anchor in zip(TARGETS, recorder.start, strict=True):
         assert torch.equal(anchor, params_of(plain)[name])

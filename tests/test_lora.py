@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from conftest import TinyBackbone, make_epoch_trainer, make_image_loader, state_copy
-from lightning.pytorch import Callback, LightningModule, Trainer
+from _helpers import Recorder, TinyBackbone, make_image_loader, make_trainer, state_copy
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -31,39 +33,40 @@ def peft_modules(module: nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, BaseTunerLayer)]
 
 
-class Probe(Callback):
-    """Placed before LoRACallback: sees the adapted model at the start and at the end of training, before the merge."""
+def adapted(inputs: torch.Tensor) -> Callable[[Trainer, LightningModule], SimpleNamespace]:
+    """A ``Recorder`` probe: the (adapted) state dict, the PEFT layers and the eval-mode outputs on ``inputs``.
 
-    def __init__(self, inputs: torch.Tensor) -> None:
-        self.inputs = inputs
+    Listed before LoRACallback, the recorder sees the adapted model at the start and end of training, before the merge.
+    """
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start = state_copy(pl_module)
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.end = state_copy(pl_module)
-        self.peft_layers = peft_modules(pl_module)
+    def probe(trainer: Trainer, pl_module: LightningModule) -> SimpleNamespace:
+        modes = {module: module.training for module in pl_module.modules()}
         with torch.no_grad():
-            self.outputs = pl_module.eval()(self.inputs)
-        pl_module.train()
+            outputs = pl_module.eval()(inputs)
+        for module, training in modes.items():
+            module.train(training)
+        return SimpleNamespace(state=state_copy(pl_module), peft_layers=peft_modules(pl_module), outputs=outputs)
+
+    return probe
 
 
 def test_fit_trains_only_lora_and_head_and_leaves_the_plain_model(tmp_path: Path) -> None:
     model = make_model()
     plain = state_copy(model)
     inputs = torch.randn(5, 3, 16, 16)
-    probe = Probe(inputs)
+    recorder = Recorder(adapted(inputs))
     callback = LoRACallback(r=2, alpha=4)
-    make_epoch_trainer([probe, callback], 3, tmp_path).fit(model, make_image_loader())
+    make_trainer([recorder, callback], max_epochs=3, root=tmp_path).fit(model, make_image_loader())
 
     # During fit: the adapted structure; only LoRA weights and the head moved, frozen weights bitwise unchanged.
-    assert probe.peft_layers == [LORA_LAYER]
+    start, end = recorder.start, recorder.end
+    assert start.peft_layers == end.peft_layers == [LORA_LAYER]
     assert callback.adapted == ["net.3"]
     lora_keys = {f"{LORA_LAYER}.lora_A.default.weight", f"{LORA_LAYER}.lora_B.default.weight"}
-    assert lora_keys <= set(probe.start)
-    changed = {name for name in probe.start if not torch.equal(probe.start[name], probe.end[name])}
+    assert lora_keys <= set(start.state)
+    changed = {name for name in start.state if not torch.equal(start.state[name], end.state[name])}
     assert changed == lora_keys | {"head.weight", "head.bias"}
-    assert torch.equal(probe.end[f"{LORA_LAYER}.base_layer.weight"], plain[f"{LORA_LAYER}.weight"])
+    assert torch.equal(end.state[f"{LORA_LAYER}.base_layer.weight"], plain[f"{LORA_LAYER}.weight"])
 
     # After fit: the plain model (same keys in the same order, no peft class, no peft_config), trainable as before.
     assert peft_modules(model) == []
@@ -73,7 +76,7 @@ def test_fit_trains_only_lora_and_head_and_leaves_the_plain_model(tmp_path: Path
     assert all(param.requires_grad for param in model.parameters())
     # ... with the adapted model's outputs, and the update merged into the adapted layer only.
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(inputs), probe.outputs)
+        torch.testing.assert_close(model.eval()(inputs), end.outputs)
     after = model.state_dict()
     assert not torch.equal(after[f"{LORA_LAYER}.weight"], plain[f"{LORA_LAYER}.weight"])
     for name in ("backbone.net.0.weight", "backbone.net.0.bias", f"{LORA_LAYER}.bias"):
@@ -98,9 +101,11 @@ def test_merge_is_w_plus_alpha_over_r_times_b_a() -> None:
 
 def test_train_head_false_freezes_the_head_during_fit_only(tmp_path: Path) -> None:
     model = make_model()
-    probe = Probe(torch.randn(2, 3, 16, 16))
-    make_epoch_trainer([probe, LoRACallback(r=2, train_head=False)], 1, tmp_path).fit(model, make_image_loader())
-    changed = {name for name in probe.start if not torch.equal(probe.start[name], probe.end[name])}
+    recorder = Recorder()
+    make_trainer([recorder, LoRACallback(r=2, train_head=False)], max_epochs=1, root=tmp_path).fit(
+        model, make_image_loader()
+    )
+    changed = {name for name in recorder.start if not torch.equal(recorder.start[name], recorder.end[name])}
     assert changed == {f"{LORA_LAYER}.lora_A.default.weight", f"{LORA_LAYER}.lora_B.default.weight"}
     assert all(param.requires_grad for param in model.parameters())
 
@@ -108,7 +113,7 @@ def test_train_head_false_freezes_the_head_during_fit_only(tmp_path: Path) -> No
 def test_resume_from_a_mid_fit_checkpoint_equals_the_straight_run(tmp_path: Path) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     straight = make_model()
-    make_epoch_trainer([LoRACallback(r=2), saver], 4, tmp_path, enable_checkpointing=True).fit(
+    make_trainer([LoRACallback(r=2), saver], max_epochs=4, root=tmp_path, enable_checkpointing=True).fit(
         straight, make_image_loader()
     )
     checkpoint = tmp_path / "ckpt" / "epoch=1.ckpt"
@@ -117,7 +122,9 @@ def test_resume_from_a_mid_fit_checkpoint_equals_the_straight_run(tmp_path: Path
     assert saved["callbacks"]["LoRACallback"]["adapted"] == ["net.3"]
 
     resumed = make_model(seed=7)  # other initial weights and other LoRA init: the checkpoint must win
-    make_epoch_trainer([LoRACallback(r=2)], 4, tmp_path).fit(resumed, make_image_loader(), ckpt_path=checkpoint)
+    make_trainer([LoRACallback(r=2)], max_epochs=4, root=tmp_path).fit(
+        resumed, make_image_loader(), ckpt_path=checkpoint
+    )
     assert peft_modules(resumed) == []
     for (name, got), want in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
         assert torch.equal(got, want), name
@@ -126,8 +133,7 @@ def test_resume_from_a_mid_fit_checkpoint_equals_the_straight_run(tmp_path: Path
 def test_a_checkpoint_becomes_a_plain_model_with_inject_load_merge(tmp_path: Path) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     trained = make_model()
-    probe = Probe(torch.randn(4, 3, 16, 16))
-    make_epoch_trainer([probe, LoRACallback(r=2), saver], 1, tmp_path, enable_checkpointing=True).fit(
+    make_trainer([LoRACallback(r=2), saver], max_epochs=1, root=tmp_path, enable_checkpointing=True).fit(
         trained, make_image_loader()
     )
     fresh, callback = make_model(seed=3), LoRACallback(r=2)
@@ -150,7 +156,7 @@ def test_a_failed_fit_leaves_the_merged_plain_model(tmp_path: Path) -> None:
     model = FailingClassifier(TinyBackbone(), num_classes=3, lr=0.05, print_table=False)
     keys = list(model.state_dict())
     with pytest.raises(RuntimeError, match="planned failure"):
-        make_epoch_trainer([LoRACallback(r=2)], 2, tmp_path).fit(model, make_image_loader())
+        make_trainer([LoRACallback(r=2)], max_epochs=2, root=tmp_path).fit(model, make_image_loader())
     assert peft_modules(model) == []
     assert list(model.state_dict()) == keys
 
@@ -308,7 +314,7 @@ def test_user_targets_pass_to_peft() -> None:
 def test_wise_ft_in_the_same_trainer_is_refused_before_any_change(tmp_path: Path) -> None:
     model = make_model()
     keys = list(model.state_dict())
-    trainer = make_epoch_trainer([LoRACallback(), WiSEFTCallback(dirpath=str(tmp_path))], 1, tmp_path)
+    trainer = make_trainer([LoRACallback(), WiSEFTCallback(dirpath=str(tmp_path))], max_epochs=1, root=tmp_path)
     with pytest.raises(RobustFTConfigError, match=r"cannot share a Trainer.*run_wiseft"):
         trainer.fit(model, make_image_loader())
     assert list(model.state_dict()) == keys and peft_modules(model) == []

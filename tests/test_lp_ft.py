@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyBackbone, make_epoch_trainer, make_image_loader, state_copy
-from lightning.pytorch import Callback, LightningModule, Trainer
+from _helpers import Recorder, TinyBackbone, make_image_loader, make_trainer, state_copy
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -37,46 +37,37 @@ def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-class Recorder(Callback):
-    """Backbone and head at every epoch start and end (placed after LPFTCallback, so it sees the stage applied)."""
-
-    def __init__(self) -> None:
-        self.starts: list[tuple[dict, dict, bool, bool]] = []
-        self.ends: list[tuple[dict, dict]] = []
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        optimizer = trainer.optimizers[0]
-        self.optimized = sum(len(group["params"]) for group in optimizer.param_groups)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        bn = pl_module.backbone[1]
-        grad = any(param.requires_grad for param in pl_module.backbone.parameters())
-        self.starts.append((state_copy(pl_module.backbone), state_copy(pl_module.head), grad, bn.training))
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.ends.append((state_copy(pl_module.backbone), state_copy(pl_module.head)))
+def stage(trainer: Trainer, pl_module: LightningModule) -> SimpleNamespace:
+    """Backbone and head weights, whether the backbone trains (gradients, BatchNorm mode), and the optimizer's size."""
+    return SimpleNamespace(
+        backbone=state_copy(pl_module.backbone),
+        head=state_copy(pl_module.head),
+        grad=any(param.requires_grad for param in pl_module.backbone.parameters()),
+        bn_training=pl_module.backbone[1].training,
+        optimized=sum(len(group["params"]) for group in trainer.optimizers[0].param_groups),
+    )
 
 
 def test_probe_keeps_the_backbone_fixed_then_fine_tuning_starts_from_the_probe(tmp_path: Path) -> None:
     model = make_model()
     initial_backbone, initial_head = state_copy(model.backbone), state_copy(model.head)
-    recorder = Recorder()
+    recorder = Recorder(stage)  # listed after LPFTCallback: sees each epoch's stage applied
     # warmup_steps=3 with 2 steps per epoch: the warm-up runs across the stage boundary (BackboneFinetuning breaks).
-    make_epoch_trainer([LPFTCallback(probe_epochs=2), recorder], 3, tmp_path).fit(model, make_image_loader())
+    make_trainer([LPFTCallback(probe_epochs=2), recorder], max_epochs=3, root=tmp_path).fit(model, make_image_loader())
 
-    assert recorder.optimized == len(list(model.parameters()))  # everything was in the optimizer from the start
-    assert [(grad, bn_training) for *_, grad, bn_training in recorder.starts] == [
+    assert recorder.start.optimized == len(list(model.parameters()))  # everything was in the optimizer from the start
+    assert [(seen.grad, seen.bn_training) for seen in recorder.epoch_starts] == [
         (False, False),
         (False, False),
         (True, True),
     ]
     for epoch in (0, 1):  # probe: the backbone (BatchNorm statistics included) is bitwise unchanged; the head trains
-        assert equal(recorder.ends[epoch][0], initial_backbone)
-    assert not equal(recorder.ends[0][1], initial_head)
-    assert not equal(recorder.ends[1][1], recorder.ends[0][1])
+        assert equal(recorder.epoch_ends[epoch].backbone, initial_backbone)
+    assert not equal(recorder.epoch_ends[0].head, initial_head)
+    assert not equal(recorder.epoch_ends[1].head, recorder.epoch_ends[0].head)
     # Fine-tuning starts from the probe: the initial backbone and the probed head ...
-    assert equal(recorder.starts[2][0], initial_backbone)
-    assert equal(recorder.starts[2][1], recorder.ends[1][1])
+    assert equal(recorder.epoch_starts[2].backbone, initial_backbone)
+    assert equal(recorder.epoch_starts[2].head, recorder.epoch_ends[1].head)
     # ... and then the backbone moves, running statistics included.
     final = state_copy(model.backbone)
     assert not torch.equal(final["0.weight"], initial_backbone["0.weight"])
@@ -95,12 +86,12 @@ def test_probe_keeps_the_backbone_fixed_then_fine_tuning_starts_from_the_probe(t
 def test_optimizers_skip_the_probed_module_weight_decay_included(tmp_path: Path, optimizer: Any) -> None:
     model = make_model(optimizer=optimizer)
     initial = state_copy(model.backbone)
-    recorder = Recorder()
+    recorder = Recorder(stage)
     with pytest.warns(UserWarning, match="probe_epochs`=1 >= max_epochs=1"):
-        trainer = make_epoch_trainer([LPFTCallback(), recorder], 1, tmp_path)
+        trainer = make_trainer([LPFTCallback(), recorder], max_epochs=1, root=tmp_path)
         trainer.fit(model, make_image_loader())
-    assert equal(recorder.ends[0][0], initial)
-    assert not equal(recorder.ends[0][1], recorder.starts[0][1])
+    assert equal(recorder.epoch_ends[0].backbone, initial)
+    assert not equal(recorder.epoch_ends[0].head, recorder.epoch_starts[0].head)
     state = trainer.optimizers[0].state
     assert all(param not in state for param in model.backbone.parameters())  # no moments, no momentum buffers
     assert all(param in state for param in model.head.parameters())
@@ -118,13 +109,13 @@ def constant_lr(optimizer: torch.optim.Optimizer) -> Any:
 def test_equals_a_hand_made_two_phase_run(tmp_path: Path) -> None:
     options = {"backbone": TinyBackbone, "optimizer": constant_sgd, "lr_scheduler": constant_lr}
     lp_ft = make_model(**options)
-    make_epoch_trainer([LPFTCallback(probe_epochs=1)], 2, tmp_path).fit(lp_ft, make_image_loader())
+    make_trainer([LPFTCallback(probe_epochs=1)], max_epochs=2, root=tmp_path).fit(lp_ft, make_image_loader())
 
     probe = make_model(freeze_backbone=True, **options)
-    make_epoch_trainer([], 1, tmp_path).fit(probe, make_image_loader())
+    make_trainer([], max_epochs=1, root=tmp_path).fit(probe, make_image_loader())
     fine_tune = make_model(seed=5, **options)
     fine_tune.load_state_dict(probe.state_dict())
-    make_epoch_trainer([], 1, tmp_path).fit(fine_tune, make_image_loader())
+    make_trainer([], max_epochs=1, root=tmp_path).fit(fine_tune, make_image_loader())
     assert equal(state_copy(lp_ft), state_copy(fine_tune))
 
 
@@ -132,12 +123,12 @@ def test_equals_a_hand_made_two_phase_run(tmp_path: Path) -> None:
 def test_resume_across_the_stage_boundary_equals_the_straight_run(tmp_path: Path, resume_epoch: int) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     straight = make_model()
-    make_epoch_trainer([LPFTCallback(probe_epochs=2), saver], 4, tmp_path, enable_checkpointing=True).fit(
+    make_trainer([LPFTCallback(probe_epochs=2), saver], max_epochs=4, root=tmp_path, enable_checkpointing=True).fit(
         straight, make_image_loader()
     )
     resumed = make_model(seed=9)
     checkpoint = tmp_path / "ckpt" / f"epoch={resume_epoch}.ckpt"
-    make_epoch_trainer([LPFTCallback(probe_epochs=2)], 4, tmp_path).fit(
+    make_trainer([LPFTCallback(probe_epochs=2)], max_epochs=4, root=tmp_path).fit(
         resumed, make_image_loader(), ckpt_path=checkpoint
     )
     assert equal(state_copy(resumed), state_copy(straight))

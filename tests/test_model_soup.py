@@ -11,8 +11,7 @@ import lightning
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyNet
-from lightning.pytorch import Trainer
+from _helpers import TinyBackbone, TinyNet, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -249,8 +248,6 @@ def test_run_soup_chooses_on_the_id_set_only(tmp_path: Path) -> None:
 
 
 def test_run_soup_with_an_image_classifier(image_folders: dict[str, Path], tmp_path: Path) -> None:
-    from conftest import TinyBackbone
-
     from lightning_robustft import ImageClassifier, MultiDomainDataModule
 
     val = {name: image_folders[name] for name in ("id", "ood_full", "ood_subset")}
@@ -269,7 +266,7 @@ def test_run_soup_with_an_image_classifier(image_folders: dict[str, Path], tmp_p
     fresh.load_state_dict(torch.load(summary["checkpoint"], weights_only=True)["state_dict"])
     for name, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = make_trainer(root=tmp_path)
     validated = {key: value for logged in trainer.validate(model, dm, verbose=False) for key, value in logged.items()}
     soup_row = summary["rows"][-1]
     for name in val:

@@ -51,7 +51,10 @@ def cpu_mode(request, monkeypatch):
 
 
 def assert_mode(passes, mode):
-    """The passes ran in ``mode``: a fused run that silently fell back to eager would test nothing new."""
+    """The passes ran in ``mode``: a fused run that silently fell back to eager would test nothing new.
+
+    A private read: which evaluation ran leaves no other trace (both give the same numbers, by design).
+    """
     assert passes._impl._fused.enabled == (mode == "fused")
 
 
@@ -268,7 +271,7 @@ def test_persistent_memory_is_buffers_anchors_one_bit_per_entry_and_a_fixed_scra
     assert_mode(passes, cpu_mode)
     owned = {t.data_ptr(): t for t in params}
     held = {}
-    for obj in (passes, passes._impl):
+    for obj in (passes, passes._impl):  # private reads: what the passes hold is the thing measured
         for value in vars(obj).values():
             for t in value if isinstance(value, list) else [value]:
                 if isinstance(t, torch.Tensor) and t.data_ptr() not in owned:
@@ -319,10 +322,11 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
         passes.mix_in(1)
     assert_mode(passes, "eager")
     monkeypatch.setattr(_inductor, "compiled_rows_supported", lambda: False)
-    eager = MixoutPasses([t.clone() for t in w], p=0.5, seed=4, backend="torch")
+    eager_params = [t.clone() for t in w]
+    eager = MixoutPasses(eager_params, p=0.5, seed=4, backend="torch")
     eager.anchors = passes.anchors
     eager.mix_in(1)
-    assert all(torch.equal(t, e) for t, e in zip(params, eager._params, strict=True))
+    assert all(torch.equal(t, e) for t, e in zip(params, eager_params, strict=True))
     passes.restore()
     assert all(torch.equal(t, w_i) for t, w_i in zip(params, w, strict=True))
 

@@ -102,6 +102,7 @@ def test_mask_bits_follow_the_documented_philox_layout():
 
 
 def test_mask_bits_do_not_depend_on_the_block_size():
+    # The private kernel is called directly: the block size is an internal launch setting the passes do not expose.
     from lightning_robustft.ops.mixout._triton import PHILOX_COLS, _mask_kernel
 
     n, key = 70000, as_int64(stream_seed(1, 2, 3))
@@ -112,6 +113,7 @@ def test_mask_bits_do_not_depend_on_the_block_size():
         _mask_kernel[grid](out, n, key, 0.5, ROWS=rows, COLS=PHILOX_COLS)
         masks.append(out)
     assert torch.equal(masks[0], masks[1])
+    assert np.array_equal(masks[0].bool().cpu().numpy(), reference_keep(n, stream_seed(1, 2, 3), 0.5))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ def test_gradient_laid_out_unlike_its_parameter_is_refused():
 def test_one_launch_per_pass_and_dtype(monkeypatch):
     from lightning_robustft.ops.mixout import _triton
 
+    # A private patch: the launches are counted at the one function every kernel launch goes through.
     launches = []
     real_run = _triton._run
     monkeypatch.setattr(_triton, "_run", lambda kernel, *a, **k: launches.append(kernel) or real_run(kernel, *a, **k))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from _helpers import make_trainer
 
 from lightning_robustft import ImageClassifier, MultiDomainDataModule, RobustFTConfigError
 from lightning_robustft.cli import cli_main
@@ -72,7 +72,7 @@ def test_writer_on_a_user_data_module_with_top_k(tmp_path, image_folders):
     )
     model = ImageClassifier(backbone="timm:test_resnet:random", class_names=data.class_names)
     writer = PredictionWriter(output_dir=tmp_path / "out", top_k=2, formats=["csv"])
-    trainer = Trainer(accelerator="cpu", callbacks=[writer], logger=False, enable_progress_bar=False)
+    trainer = make_trainer([writer], root=tmp_path)
     outputs = trainer.predict(model, datamodule=data)
     rows = read_csv(tmp_path / "out" / "predictions.csv")
     assert [p.name for p in writer.paths] == ["predictions.csv"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyNet, make_epoch_trainer, state_copy
+from _helpers import BoringModel, TinyNet, assert_states_equal, make_trainer, state_copy
 from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -44,6 +44,16 @@ WHOLE_WEIGHT_CALLBACKS: list[Callable[[], Callback]] = [
 ]
 
 
+def _assert_computes_as_plain(model: TinyNet, state: dict[str, torch.Tensor]) -> None:
+    """In train mode, ``model`` computes what a fresh ``TinyNet`` with ``state`` computes: no hook (dropout) left."""
+    plain = TinyNet()
+    plain.load_state_dict(state)
+    model.train()
+    plain.train()
+    x = torch.randn(64, 6)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
 def _loader() -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     return DataLoader(TensorDataset(torch.randn(16, 6, generator=generator), torch.arange(16) % 3), batch_size=8)
@@ -55,7 +65,7 @@ def test_sharded_strategies_are_refused_before_the_module_changes(
     make: Callable[[], Callback], strategy_cls: type
 ) -> None:
     callback = make()
-    model = TinyNet()
+    model = BoringModel()  # refused before any submodule is looked up: any LightningModule will do
     before = state_copy(model)
     strategy = strategy_cls.__new__(strategy_cls)  # the check reads the type only; DeepSpeed need not be installed
     trainer = SimpleNamespace(strategy=strategy, callbacks=[callback], max_epochs=3)
@@ -64,7 +74,7 @@ def test_sharded_strategies_are_refused_before_the_module_changes(
         RobustFTConfigError, match=rf"^{name} does not support strategy[= ]{strategy_cls.__name__}: .+ Use "
     ):
         callback.setup(trainer, model, TrainerFn.FITTING)  # type: ignore[arg-type]
-    assert list(model.state_dict()) == list(before)
+    assert_states_equal(state_copy(model), before)
     assert all(param.requires_grad for param in model.parameters())
 
 
@@ -72,7 +82,7 @@ def test_sharded_strategies_are_refused_before_the_module_changes(
 def test_manual_optimization_is_refused_by_the_callbacks_that_hook_the_optimizer_step(
     make: Callable[[], Callback],
 ) -> None:
-    model = TinyNet()
+    model = BoringModel()
     model.automatic_optimization = False
     callback = make()
     trainer = SimpleNamespace(strategy=None, callbacks=[callback], max_epochs=3)
@@ -101,11 +111,9 @@ def test_a_wrong_submodule_name_lists_the_real_ones_and_leaves_the_model(
         match=rf"^`{argument}`='classifier' is not a submodule of TinyNet; its top-level submodules are "
         r"\['backbone', 'head'\]\. Pass the dotted name",
     ):
-        make_epoch_trainer([make()], 1, tmp_path).fit(model, _loader())
-    assert list(model.state_dict()) == list(before)
-    model.train()
-    x = torch.randn(4, 6)
-    torch.testing.assert_close(model(x), model(x))  # no dropout hook left behind on the head
+        make_trainer([make()], max_epochs=1, root=tmp_path).fit(model, _loader())
+    assert_states_equal(state_copy(model), before)
+    _assert_computes_as_plain(model, before)
 
 
 # (callback, argument, a value of the wrong type, a value of the right type outside the allowed range)
@@ -179,11 +187,11 @@ def test_a_fit_resumed_without_the_callbacks_tensors_warns_other_stages_do_not(m
     callback = make()
     fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
     with pytest.warns(UserWarning, match=rf"^{make.__name__}: the checkpoint has no '{key}'"):
-        callback.on_load_checkpoint(fitting, TinyNet(), {"state_dict": {}})
+        callback.on_load_checkpoint(fitting, BoringModel(), {"state_dict": {}})
     validating = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        callback.on_load_checkpoint(validating, TinyNet(), {"state_dict": {}})
+        callback.on_load_checkpoint(validating, BoringModel(), {"state_dict": {}})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,10 +253,6 @@ def test_a_fit_with_nothing_to_train_leaves_the_plain_model(make: Callable[[], C
     # limit_train_batches=0 (like resuming a finished run) makes Lightning skip on_train_start / on_train_end.
     model = TinyNet()
     before = state_copy(model)
-    make_epoch_trainer([make()], 1, tmp_path, limit_train_batches=0).fit(model, _loader())
-    assert list(model.state_dict()) == list(before), "no LoRA keys left"
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
-    model.train()
-    x = torch.randn(4, 6)
-    torch.testing.assert_close(model(x), model(x))  # no dropout hook left on the head
+    make_trainer([make()], max_epochs=1, root=tmp_path, limit_train_batches=0).fit(model, _loader())
+    assert_states_equal(state_copy(model), before)  # no LoRA keys left
+    _assert_computes_as_plain(model, before)

@@ -45,7 +45,9 @@ def test_paired_difference_cancels_the_shared_seed_shift(bench):
     mean, std = bench.paired_difference(method, baseline, "ood_avg")
     assert math.isclose(mean, 0.01, abs_tol=1e-12)
     assert std < 1e-12
-    assert bench.mean_std([0.90, 0.80])[1] > 0.07  # the raw spread the paired difference removes
+    # The raw spread the paired difference removes: the sample standard deviation, 0.1 / sqrt(2).
+    assert bench.mean_std([0.90, 0.80]) == pytest.approx((0.85, 0.1 / math.sqrt(2)))
+    assert bench.mean_std([0.9]) == (0.9, 0.0)
 
 
 def test_markdown_table_has_a_row_per_method_and_every_set(bench):

@@ -17,15 +17,12 @@ from _gmixout_helpers import (
     ManualModel,
     TinyClassifier,
     assert_params_close,
-    assert_params_equal,
     make_batches,
     make_loader,
     make_model,
-    make_trainer,
-    params_of,
 )
-from conftest import TinyBackbone
-from lightning.pytorch import Callback, LightningModule, Trainer
+from _helpers import Recorder, TinyBackbone, assert_states_equal, make_trainer, params_of
+from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
@@ -325,12 +322,12 @@ def test_fit_equals_the_penalty_in_the_loss(penalties: list[tuple[float, str]], 
     for callback in callbacks:
         assert callback.target_names == BACKBONE
         assert all(anchor.device.type == "cpu" for anchor in callback.anchors.values())
-        assert_params_equal(callback.anchors, {n: p for n, p in params_of(make_model()).items() if n in BACKBONE})
+        assert_states_equal(callback.anchors, {n: p for n, p in params_of(make_model()).items() if n in BACKBONE})
 
 
 def test_zero_strength_is_training_without_the_callback() -> None:
     with_callback = params_of(_fit([WeightPenaltyCallback(strength=0.0)], 4))
-    assert_params_equal(with_callback, params_of(_fit([], 4)))
+    assert_states_equal(with_callback, params_of(_fit([], 4)))
 
 
 class UnusedParamModel(TinyClassifier):
@@ -368,11 +365,11 @@ def test_resumed_run_pulls_toward_the_original_weights(tmp_path: Path) -> None:
     first.trainer.save_checkpoint(tmp_path / "step3.ckpt")
     checkpoint = torch.load(tmp_path / "step3.ckpt", weights_only=False)
     (anchors,) = checkpoint[ANCHORS_CHECKPOINT_KEY].values()
-    assert_params_equal(anchors, {n: p for n, p in params_of(make_model()).items() if n in BACKBONE})
+    assert_states_equal(anchors, {n: p for n, p in params_of(make_model()).items() if n in BACKBONE})
     assert not torch.equal(checkpoint["state_dict"]["backbone.0.weight"], anchors["backbone.0.weight"])
 
     resumed = run(6, tmp_path / "step3.ckpt", WeightPenaltyCallback(strength=0.3))
-    assert_params_equal(params_of(resumed), params_of(straight))
+    assert_states_equal(params_of(resumed), params_of(straight))
 
     # Without the anchors the penalty pulls toward the resumed weights: a different run, with a warning.
     del checkpoint[ANCHORS_CHECKPOINT_KEY]
@@ -391,23 +388,13 @@ def test_resuming_with_other_targets_is_refused(tmp_path: Path) -> None:
         trainer.fit(make_model(), make_loader(1), ckpt_path=tmp_path / "step1.ckpt")
 
 
-class GradProbe(Callback):
-    """Records the gradients the optimizer is given, after every other callback's ``on_before_optimizer_step``."""
-
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
-
-
 def test_gradient_is_penalised_only_on_targets() -> None:
-    probe_plain, probe = GradProbe(), GradProbe()
+    probe_plain, probe = Recorder(), Recorder()
     _fit([probe_plain], 1)
     _fit([WeightPenaltyCallback(strength=0.3, targets=["backbone.3.weight"]), probe], 1)
     # Step 0: w == w0, so the L2 penalty's gradient is zero and every gradient is the plain one.
-    assert_params_equal(probe.grads[0], probe_plain.grads[0])
-    probe_plain, probe = GradProbe(), GradProbe()
+    assert_states_equal(probe.grads[0], probe_plain.grads[0])
+    probe_plain, probe = Recorder(), Recorder()
     _fit([probe_plain], 2)
     _fit([WeightPenaltyCallback(strength=0.3, norm="l1", targets=["backbone.3.weight"]), probe], 2)
     changed = [n for n in probe.grads[1] if not torch.equal(probe.grads[1][n], probe_plain.grads[1][n])]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import TinyNet
+from _helpers import Recorder, TinyBackbone, TinyNet, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -26,16 +26,6 @@ from lightning_robustft.plotting import plot_id_vs_ood
 from lightning_robustft.weight_space import run_wiseft, select_alpha, wiseft_sweep
 
 SETS = ("id", "shift", "noise")
-
-
-class Recorder(Callback):
-    """Keeps the weights at fit start and at train end (theta_1), before WiSE-FT changes them."""
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start = {k: v.clone() for k, v in pl_module.state_dict().items()}
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.theta_1 = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
 def make_data(n: int = 48, seed: int = 0) -> tuple[DataLoader, dict[str, DataLoader]]:
@@ -60,21 +50,6 @@ def manual_accuracy(model: nn.Module, state: dict[str, torch.Tensor], loader: Da
     return torch.cat(hits).mean().item()
 
 
-def trainer_for(tmp: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": 2,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp),
-    }
-    options.update(kwargs)
-    return Trainer(callbacks=callbacks, **options)
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path) as handle:
         return list(csv.DictReader(handle))
@@ -93,8 +68,13 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     tensorboard.experiment.add_figure = lambda tag, figure, **kw: figures.append(tag)  # type: ignore[method-assign]
     recorder, wise = Recorder(), WiSEFTCallback()
     checkpoint = ModelCheckpoint(dirpath=tmp / "ckpt", filename="theta1")
-    trainer = trainer_for(
-        tmp, [recorder, wise, checkpoint], logger=[csv_logger, tensorboard], enable_checkpointing=True
+    trainer = make_trainer(
+        [recorder, wise, checkpoint],
+        max_epochs=2,
+        logger=[csv_logger, tensorboard],
+        enable_checkpointing=True,
+        num_sanity_val_steps=2,  # the sanity check's validation must not count as the end-of-fit evaluation
+        root=tmp,
     )
     trainer.fit(model, train, val)
     return SimpleNamespace(
@@ -110,7 +90,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 def test_default_leaves_the_module_at_the_midpoint(default_run: SimpleNamespace) -> None:
-    theta_0, theta_1 = default_run.recorder.start, default_run.recorder.theta_1
+    theta_0, theta_1 = default_run.recorder.start, default_run.recorder.end
     assert default_run.wise.applied_alpha == 0.5
     for name, value in default_run.model.state_dict().items():
         if value.is_floating_point():
@@ -132,7 +112,7 @@ def test_table_has_one_row_per_alpha_and_correct_endpoints(default_run: SimpleNa
     assert [float(r["alpha"]) for r in rows] == pytest.approx([0.1 * i for i in range(11)])
     assert list(rows[0]) == ["alpha", *SETS, "ood_avg"]
     model = TinyNet()
-    for row, state in ((rows[0], default_run.recorder.start), (rows[-1], default_run.recorder.theta_1)):
+    for row, state in ((rows[0], default_run.recorder.start), (rows[-1], default_run.recorder.end)):
         for name in SETS:
             assert float(row[name]) == pytest.approx(manual_accuracy(model, state, default_run.val[name]), abs=1e-6)
         assert float(row["ood_avg"]) == pytest.approx((float(row["shift"]) + float(row["noise"])) / 2)
@@ -171,7 +151,7 @@ def test_training_checkpoints_carry_theta_0(default_run: SimpleNamespace) -> Non
     checkpoint = torch.load(default_run.checkpoint, map_location="cpu", weights_only=False)
     stored = checkpoint[THETA_0_KEY]
     assert all(torch.equal(stored[k], default_run.wise.theta_0[k]) for k in default_run.wise.theta_0)
-    assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in default_run.recorder.theta_1.items())
+    assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in default_run.recorder.end.items())
 
 
 def test_run_wiseft_from_checkpoints_reproduces_the_callback(default_run: SimpleNamespace, tmp_path: Path) -> None:
@@ -201,12 +181,12 @@ def test_select_id_applies_the_best_id_alpha(tmp_path: Path) -> None:
     train, val = make_data(seed=1)
     model, recorder = TinyNet(lr=1.0), Recorder()
     wise = WiSEFTCallback(alphas=[0.0, 0.25, 0.5, 0.75, 1.0], select="id", save_model=False)
-    trainer_for(tmp_path, [recorder, wise]).fit(model, train, val)
+    make_trainer([recorder, wise], max_epochs=2, root=tmp_path).fit(model, train, val)
     summary = json.loads((tmp_path / "wiseft.json").read_text())
     expected = max(summary["rows"], key=lambda r: (r["id"], -r["alpha"]))["alpha"]
     assert wise.applied_alpha == summary["selected_alpha"] == expected
     assert len(summary["rows"]) == 5, "the fixed alpha is not added when selecting on ID"
-    target = interpolate_state_dicts(recorder.start, recorder.theta_1, expected)
+    target = interpolate_state_dicts(recorder.start, recorder.end, expected)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in target.items())
     assert not list(tmp_path.glob("*.ckpt"))
 
@@ -229,18 +209,18 @@ def test_resume_interpolates_against_the_original_theta_0(tmp_path: Path) -> Non
     model = TinyNet()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer_for(tmp_path, [WiSEFTCallback(alphas=[0.0]), saver], max_epochs=1, enable_checkpointing=True).fit(
+    make_trainer([WiSEFTCallback(alphas=[0.0]), saver], max_epochs=1, enable_checkpointing=True, root=tmp_path).fit(
         model, train, val
     )
     last = tmp_path / "ckpt" / "last.ckpt"
     resumed_from = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
     torch.manual_seed(3)
     fresh, recorder, wise = TinyNet(), Recorder(), WiSEFTCallback(alphas=[0.0, 1.0])
-    trainer_for(tmp_path / "resumed", [recorder, wise], max_epochs=2).fit(fresh, train, val, ckpt_path=last)
+    make_trainer([recorder, wise], max_epochs=2, root=tmp_path / "resumed").fit(fresh, train, val, ckpt_path=last)
     assert torch.equal(recorder.start["head.weight"], resumed_from["head.weight"]), "the fit resumed"
     assert not torch.equal(resumed_from["head.weight"], start["head.weight"])
     assert all(torch.equal(wise.theta_0[k], v) for k, v in start.items() if v.is_floating_point())
-    expected = interpolate_state_dicts(start, recorder.theta_1, 0.5)
+    expected = interpolate_state_dicts(start, recorder.end, 0.5)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
 
 
@@ -259,7 +239,7 @@ def test_resuming_from_a_foreign_checkpoint_warns() -> None:
 def test_single_validation_set_writes_a_table_without_plot(tmp_path: Path) -> None:
     train, val = make_data()
     with pytest.warns(UserWarning, match="no OOD validation set"):
-        trainer_for(tmp_path, [WiSEFTCallback(alphas=[0.0, 1.0])], max_epochs=1).fit(TinyNet(), train, val["id"])
+        make_trainer([WiSEFTCallback(alphas=[0.0, 1.0])], max_epochs=1, root=tmp_path).fit(TinyNet(), train, val["id"])
     rows = read_csv(tmp_path / "wiseft.csv")
     assert [list(r) for r in rows] == [["alpha", "val_0"]] * 3  # 0.0, 0.5 (the fixed alpha), 1.0
     assert not (tmp_path / "wiseft.png").exists()
@@ -269,8 +249,8 @@ def test_without_validation_the_fixed_alpha_is_applied_unevaluated(tmp_path: Pat
     train, _ = make_data()
     model, recorder = TinyNet(), Recorder()
     with pytest.warns(UserWarning, match="no validation sets"):
-        trainer_for(tmp_path, [recorder, WiSEFTCallback(alpha=0.3)], max_epochs=1).fit(model, train)
-    expected = interpolate_state_dicts(recorder.start, recorder.theta_1, 0.3)
+        make_trainer([recorder, WiSEFTCallback(alpha=0.3)], max_epochs=1, root=tmp_path).fit(model, train)
+    expected = interpolate_state_dicts(recorder.start, recorder.end, 0.3)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
     assert (tmp_path / "wiseft_alpha0.30.ckpt").exists()
     assert not (tmp_path / "wiseft.csv").exists()
@@ -360,8 +340,8 @@ def test_ddp_ranks_agree_and_write_once(tmp_path: Path) -> None:
     model = TinyNet()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     wise = PerRankOutput(alphas=[0.0, 1.0], select="id", dirpath=str(tmp_path))
-    trainer = trainer_for(
-        tmp_path, [wise, DumpRows(wise, str(tmp_path))], strategy="ddp_spawn", devices=2, max_epochs=1
+    trainer = make_trainer(
+        [wise, DumpRows(wise, str(tmp_path))], strategy="ddp_spawn", devices=2, max_epochs=1, root=tmp_path
     )
     trainer.fit(model, train, val)
     dumps = [json.loads((tmp_path / f"dump{rank}.json").read_text()) for rank in (0, 1)]
@@ -376,7 +356,6 @@ def test_ddp_ranks_agree_and_write_once(tmp_path: Path) -> None:
 
 
 def test_image_classifier_rows_match_its_own_validation(image_folders: dict[str, Path], tmp_path: Path) -> None:
-    from conftest import TinyBackbone
 
     from lightning_robustft import ImageClassifier, MultiDomainDataModule
 
@@ -384,7 +363,7 @@ def test_image_classifier_rows_match_its_own_validation(image_folders: dict[str,
     dm = MultiDomainDataModule(image_folders["train"], val, id_set="ood_full", batch_size=4, num_workers=0)
     model = ImageClassifier(TinyBackbone(), class_names=dm.class_names, lr=0.05, print_table=False)
     wise = WiSEFTCallback(alphas=[0.0, 1.0], alpha=0.5)
-    trainer = trainer_for(tmp_path, [wise], max_epochs=2)
+    trainer = make_trainer([wise], max_epochs=2, root=tmp_path)
     trainer.fit(model, dm)
     summary = json.loads((tmp_path / "wiseft.json").read_text())
     assert summary["id_set"] == "ood_full", "the module's id_set is the ID set"
