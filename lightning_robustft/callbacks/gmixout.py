@@ -20,6 +20,7 @@ from lightning_robustft.callbacks._checks import (
     resolve_submodule,
     select_parameters,
 )
+from lightning_robustft.callbacks._sparse_gmixout import SparseMixout
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import MixoutPasses
 
@@ -30,6 +31,9 @@ ANCHORS_CHECKPOINT_KEY = "gmixout_anchors"
 
 #: Seeds are kept in ``[0, 2**31 - 1]`` so every backend (a Triton ``tl.rand`` seed is 32-bit) can take them.
 MAX_SEED = 2**31 - 1
+
+#: With Adam-type optimizers, sparse GMixout warns below this many steps per subset (their moments restart each period).
+MIN_ADAPTIVE_PERIOD = 10
 
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -118,6 +122,7 @@ class GMixoutCallback(Callback):
         head: str | None = "head",
         seed: int | None = None,
         backend: Backend = "auto",
+        sparse: bool = False,
     ) -> None:
         if not is_real(p) or not 0.0 <= p < 1.0:
             raise RobustFTConfigError(f"`p`={p!r} must be a probability in [0, 1) (Mixout's usual value is 0.9).")
@@ -134,6 +139,8 @@ class GMixoutCallback(Callback):
             raise RobustFTConfigError(f"`seed`={seed!r} must be None or an integer in [0, {MAX_SEED}].")
         if backend not in ("auto", "triton", "torch"):
             raise RobustFTConfigError(f"`backend`={backend!r} must be one of 'auto', 'triton', 'torch'.")
+        if not isinstance(sparse, bool):
+            raise RobustFTConfigError(f"`sparse`={sparse!r} must be True or False.")
         self.p = float(p)
         self.resample_every = resample_every
         self.anchor_decay = float(anchor_decay)
@@ -141,6 +148,8 @@ class GMixoutCallback(Callback):
         self.exclude = list(exclude) if exclude is not None else []
         self.head = head
         self.backend: Backend = backend
+        self.sparse = sparse
+        self._sparse: SparseMixout | None = None
         self._requested_seed = seed
         self._seed: int | None = seed
         self._target_names: list[str] = []
@@ -172,6 +181,11 @@ class GMixoutCallback(Callback):
         """The fused passes (anchors, masks) over the targets; built when training starts, kept for checkpoints."""
         return self._passes
 
+    @property
+    def sparse_mixout(self) -> SparseMixout | None:
+        """With ``sparse=True``: the packed tensors, anchors and the period's free indices (built in ``setup``)."""
+        return self._sparse
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse what cannot be served, resolve the targets and the seed (shared by all ranks), reset the counters."""
         if stage != TrainerFn.FITTING:
@@ -183,19 +197,29 @@ class GMixoutCallback(Callback):
                 "Found more than one GMixoutCallback in `trainer.callbacks`; mixing the same weights twice is not "
                 "meaningful. Keep one and select its tensors with `targets` / `exclude`."
             )
+        if self._sparse is not None:  # a previous fit that ended without teardown
+            self._sparse.detach()
         self._target_names = select_targets(pl_module, self.targets, self.exclude, self.head)
         seed = self._requested_seed if self._requested_seed is not None else derive_seed(torch.initial_seed())
         self._seed = int(trainer.strategy.broadcast(seed, src=0))
         self._step = self._anchor_period = self._mixed_period = 0
         self._scale_before_step = None
         self._passes = None
+        self._sparse = None
         self._loaded_anchors = None
+        if self.sparse:
+            # Before configure_optimizers and DDP: both must see the packed tensors as trainable, the targets frozen.
+            self._sparse = SparseMixout(pl_module, self._target_names, self.p, self._seed, self.backend)
+            self._sparse.attach()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the passes once the model is on its device and any checkpoint is restored (anchors from it)."""
         params = dict(pl_module.named_parameters())
         self._params = [params[name] for name in self._target_names]
         assert self._seed is not None
+        if self._sparse is not None:
+            self._start_sparse(trainer, params)
+            return
         # The passes swap the parameters' `.data` (w~ in, w back), which keeps each Parameter object, its autograd
         # version counter, its optimizer state and DDP's hooks: backward sees w~, the optimizer steps w.
         self._passes = MixoutPasses(self._params, self.p, self._seed, self.backend)
@@ -212,6 +236,15 @@ class GMixoutCallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Before the first forward of an optimizer step: move the anchor at a new period, then write ``w~``."""
+        sparse = self._sparse
+        if sparse is not None:
+            self._settle_skipped_step(trainer)
+            period = self._step // self.resample_every
+            if period > self._anchor_period:
+                sparse.begin_period(period, self.anchor_decay)
+                self._anchor_period = period
+            sparse.activate()
+            return
         passes = self._passes
         if passes is None or passes.mixed:
             return
@@ -224,8 +257,21 @@ class GMixoutCallback(Callback):
         passes.mix_in(period)
         self._mixed_period = period
 
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sparse: the micro-batch's backward is done; the modules show ``w`` again until the next forward."""
+        if self._sparse is not None:
+            self._sparse.deactivate()
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        """Restore ``w`` and turn the (reduced, unscaled) gradient of ``w~`` into the gradient of ``w``."""
+        """Restore ``w`` and turn the (reduced, unscaled) gradient of ``w~`` into the gradient of ``w``.
+
+        Sparse: the packed gradients are complete already; only the step is counted.
+        """
+        if self._sparse is not None:
+            self._sparse.deactivate()
+            self._step += 1
+            self._scale_before_step = grad_scale(trainer)
+            return
         passes = self._passes
         if passes is None:
             return
@@ -238,19 +284,27 @@ class GMixoutCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Take back the step count of an optimizer step that the AMP ``GradScaler`` skipped."""
+        if self._sparse is not None:
+            self._sparse.deactivate()
         self._settle_skipped_step(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Validate the learned weights: restore ``w`` mid-step; the next training batch mixes again."""
         self._restore()
+        if self._sparse is not None:
+            self._sparse.deactivate()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Leave ``w`` in the model if fit stopped between a mix-in and its optimizer step."""
+        """Leave ``w`` in the model if fit stopped between a mix-in and its optimizer step; sparse: the plain model."""
         self._restore()
+        if self._sparse is not None:
+            self._sparse.detach()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Leave ``w`` in the model when fit fails mid-step (Lightning calls no other hook then)."""
         self._restore()
+        if self._sparse is not None:
+            self._sparse.detach()
 
     def state_dict(self) -> dict[str, Any]:
         """The seed and counters (the anchors go into the checkpoint via ``on_save_checkpoint``)."""
@@ -261,10 +315,17 @@ class GMixoutCallback(Callback):
             "p": self.p,
             "resample_every": self.resample_every,
             "anchor_decay": self.anchor_decay,
+            "sparse": self.sparse,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the checkpointed run: its seed and counters win over the constructor's seed."""
+        if state_dict.get("sparse", False) != self.sparse:
+            raise RobustFTConfigError(
+                f"The checkpoint was trained with GMixoutCallback(sparse={state_dict.get('sparse', False)}), this run "
+                f"has sparse={self.sparse}: their optimizer states hold different tensors (packed free entries vs "
+                "full weights). Resume with the same `sparse`, or load only the weights (not `ckpt_path`)."
+            )
         levers = ("p", "resample_every", "anchor_decay")
         saved = {key: state_dict[key] for key in levers if key in state_dict}
         current = {key: getattr(self, key) for key in levers}
@@ -277,6 +338,14 @@ class GMixoutCallback(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Store the fp32 anchors; if saved mid-step, put ``w`` (not ``w~``) in the checkpoint's ``state_dict``."""
+        if self._sparse is not None:
+            # The model's state_dict holds w (current after every optimizer step) and not the packed tensors; the
+            # subset is redrawn from the seed and the period, the packed values gathered from w, the packed
+            # optimizer state is in the checkpoint's optimizer states.
+            anchors = [target.anchor for target in self._sparse.targets]
+            if all(anchor is not None for anchor in anchors):
+                checkpoint[ANCHORS_CHECKPOINT_KEY] = dict(zip(self._target_names, anchors, strict=True))
+            return
         passes = self._passes
         if passes is None:
             return
@@ -301,6 +370,26 @@ class GMixoutCallback(Callback):
             )
             return
         self._loaded_anchors = checkpoint[ANCHORS_CHECKPOINT_KEY]
+
+    def _start_sparse(self, trainer: Trainer, params: Mapping[str, nn.Parameter]) -> None:
+        assert self._sparse is not None
+        self._sparse.start(self._anchor_period, trainer.optimizers, self._loaded_anchors)
+        self._loaded_anchors = None
+        adaptive = [type(opt).__name__ for opt in trainer.optimizers if "betas" in opt.defaults]
+        if adaptive and self.resample_every < MIN_ADAPTIVE_PERIOD:
+            rank_zero_warn(
+                f"GMixoutCallback(sparse=True) resets the optimizer state of the packed tensors at every new subset, "
+                f"and {adaptive[0]} keeps moment estimates: with resample_every={self.resample_every} they restart "
+                f"every {self.resample_every} steps, so an update is about lr * sign(gradient) and the second moment "
+                f"never warms up. Use resample_every >= {MIN_ADAPTIVE_PERIOD} (e.g. 10-100) with Adam-type optimizers."
+            )
+        mixed = sum(target.count for target in self._sparse.targets)
+        total = sum(target.weight.numel() for target in self._sparse.targets)
+        rank_zero_info(
+            f"GMixoutCallback(sparse=True): {len(self._target_names)} tensors, {mixed:,} of their {total:,} entries "
+            f"free per period, p={self.p}, resample_every={self.resample_every}, anchor_decay={self.anchor_decay}, "
+            f"backend={self._sparse.backend}, seed={self._seed}, starting at step {self._step}."
+        )
 
     def _restore(self) -> None:
         if self._passes is not None and self._passes.mixed:
