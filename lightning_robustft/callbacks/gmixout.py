@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from lightning_robustft.callbacks._checks import (
     check_selection,
     is_real,
+    matching_names,
     refuse_unsupported,
     resolve_submodule,
     select_parameters,
@@ -95,7 +96,9 @@ class GMixoutCallback(Callback):
         head: dotted name of the classification head, left out of the default targets; ``None`` when the module has
             no head to leave out.
         seed: seed of the masks in ``[0, 2**31 - 1]``. ``None`` derives it from ``torch.initial_seed()`` (which
-            ``seed_everything`` sets) without consuming the global generator, then takes rank zero's value.
+            ``seed_everything`` sets) without consuming the global generator, then takes rank zero's value. So
+            every fit in one process draws the same masks unless the process is re-seeded in between
+            (``seed_everything(other)``) or ``seed`` is given: pass distinct seeds to compare mask draws.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton imports, else PyTorch), ``"triton"`` or
             ``"torch"``.
 
@@ -150,6 +153,7 @@ class GMixoutCallback(Callback):
         self.backend: Backend = backend
         self.sparse = sparse
         self._sparse: SparseMixout | None = None
+        self._warned_head = False
         self._requested_seed = seed
         self._seed: int | None = seed
         self._target_names: list[str] = []
@@ -200,6 +204,7 @@ class GMixoutCallback(Callback):
         if self._sparse is not None:  # a previous fit that ended without teardown
             self._sparse.detach()
         self._target_names = select_targets(pl_module, self.targets, self.exclude, self.head)
+        self._warn_head_targets(pl_module)
         seed = self._requested_seed if self._requested_seed is not None else derive_seed(torch.initial_seed())
         self._seed = int(trainer.strategy.broadcast(seed, src=0))
         self._step = self._anchor_period = self._mixed_period = 0
@@ -391,6 +396,20 @@ class GMixoutCallback(Callback):
             f"backend={self._sparse.backend}, seed={self._seed}, starting at step {self._step}."
         )
 
+    def _warn_head_targets(self, pl_module: LightningModule) -> None:
+        """Say once that explicit ``targets`` reach into the head, which the default targets leave out."""
+        if self.targets is None or self.head is None or self._warned_head:
+            return
+        resolve_submodule(pl_module, self.head)
+        in_head = [name for name in self._target_names if name.startswith(self.head + ".")]
+        if in_head:
+            self._warned_head = True
+            rank_zero_warn(
+                f"GMixoutCallback: `targets` select {len(in_head)} tensors of the head {self.head!r} ({in_head[:3]}); "
+                "they are mixed like the others (the default targets leave the head out, since a new head has no "
+                "pretrained weights to anchor to). Add the head to `exclude` if that is not intended."
+            )
+
     def _restore(self) -> None:
         if self._passes is not None and self._passes.mixed:
             self._passes.restore()
@@ -437,8 +456,21 @@ def select_targets(
 
     Raises:
         RobustFTConfigError: a pattern matches no parameter, ``targets`` matches only frozen ones, ``head`` is not a
-            submodule, or nothing is left to mix.
+            submodule, or nothing is left to mix (then the names it suggests are trainable ones).
     """
+    if targets is None:
+        params = dict(module.named_parameters())
+        trainable = [name for name, param in params.items() if param.requires_grad and param.is_floating_point()]
+        excluded = {name for pattern in exclude for name in matching_names(params, pattern)}
+        defaults = set(default_target_names(module, head)) - excluded
+        if defaults and not defaults & set(trainable) and all(matching_names(params, pat) for pat in exclude):
+            # E.g. ImageClassifier(freeze_backbone=True): every default weight is frozen. Suggest what can be mixed.
+            raise RobustFTConfigError(
+                f"GMixoutCallback: all {len(defaults)} default targets of {type(module).__name__} (Linear / conv "
+                f"weights outside head={head!r}) are frozen (requires_grad=False, e.g. freeze_backbone=True), and "
+                "GMixout mixes trainable weights only. Unfreeze them, or name trainable tensors in `targets`: "
+                f"{trainable[:8] if trainable else 'none is trainable'}."
+            )
     return select_parameters(
         module,
         targets,
