@@ -40,6 +40,7 @@ from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import mix_scale, resolve_backend
 from lightning_robustft.ops.sparse_mixout import (
     Backend,
+    Workspace,
     draw_free_indices,
     free_count,
     gather,
@@ -151,6 +152,7 @@ class SparseMixout:
         self._live: dict[int, tuple[SparseTarget, weakref.ref[torch.Tensor]]] = {}
         self._optimizers: list[Optimizer] = []
         self.attached = False
+        self._workspace = Workspace()
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -247,7 +249,7 @@ class SparseMixout:
         with torch.no_grad():
             for target in self.targets:
                 assert target.indices is not None
-                scatter_(target.weight, target.indices, target.packed, self.backend)
+                scatter_(target.weight, target.indices, target.packed, self.backend, self._workspace)
 
     def detach(self) -> None:
         """Remove everything: the packed parameters, hooks and class swaps; unfreeze the targets. Idempotent."""
@@ -293,7 +295,7 @@ class SparseMixout:
         assert target.anchor is not None and target.indices is not None
         with torch.no_grad():
             out = torch.empty_like(target.weight)
-            return mix(target.anchor, target.packed, target.indices, self.scale, out, self.backend)
+            return mix(target.anchor, target.packed, target.indices, self.scale, out, self.backend, self._workspace)
 
     def _draw(self, period: int) -> None:
         with torch.no_grad():

@@ -13,7 +13,8 @@ flat view), like :mod:`lightning_robustft.ops.mixout`, so channels-last weights 
 
 Two backends, the same semantics:
 
-* ``"torch"`` (any device): ``index_select`` / ``scatter_`` and eager arithmetic in fp32;
+* ``"torch"`` (any device): ``index_select`` / ``scatter_`` and eager arithmetic in fp32, with reused scratch
+  (:class:`Workspace`);
 * ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``): one kernel per op
   (:mod:`lightning_robustft.ops.sparse_mixout_triton`, imported lazily), which reads the int32 indices directly and
   fuses the anchor copy with the lerp of the free entries. Results are bitwise those of the torch path (the same fp32
@@ -56,9 +57,9 @@ def draw_free_indices(numel: int, count: int, seed: int, period: int, index: int
 
     A uniform random ``count``-subset of ``range(numel)``, exactly: every entry gets a random key and the ``count``
     smallest keys win. A key is one random byte (eight entries per 64-bit draw, the generator's cheapest output),
-    and only the entries whose byte ties the byte at the cut (about ``numel / 256``) draw a second, 63-bit key that
-    orders them. Taking the smallest keys of i.i.d. keys is exchangeable, so every subset of the size is equally
-    likely; and the result is a boolean mask's ``nonzero``, sorted without a sort.
+    and only the entries whose byte ties the byte at the cut (about ``numel / 256``) draw a second, 63-bit key, in
+    entry order, that orders them. Taking the smallest keys of i.i.d. keys is exchangeable, so every subset of the
+    size is equally likely; and the result is a boolean mask's ``nonzero``, sorted without a sort.
 
     Args:
         numel: Entries of the tensor.
@@ -80,28 +81,30 @@ def draw_free_indices(numel: int, count: int, seed: int, period: int, index: int
     words = torch.empty(-(-numel // 8), dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
     key = words.view(torch.uint8)[:numel]
     cut = _cut_byte(key, count)
-    keep = key < cut
-    short = count - int(keep.sum())
-    if short:
-        ties = (key == cut).nonzero().squeeze(1)
+    chosen = (key <= cut).nonzero().squeeze(1)  # sorted; every tie at the cut is in, `extra` of them too many
+    extra = chosen.numel() - count
+    if extra:
+        ties = (key[chosen] == cut).nonzero().squeeze(1)  # positions of the ties within `chosen`, ascending
         fine = torch.empty(ties.numel(), dtype=torch.int64, device=device).random_(0, None, generator=generator)
-        keep[ties[torch.argsort(fine, stable=True)[:short]]] = True
-    return keep.nonzero().squeeze(1).to(dtype)
+        keep = torch.ones(chosen.numel(), dtype=torch.bool, device=device)
+        keep[ties[torch.argsort(fine, stable=True)[ties.numel() - extra :]]] = False  # the largest fine keys lose
+        chosen = chosen[keep]
+    return chosen.to(dtype)
 
 
 def _cut_byte(key: torch.Tensor, count: int) -> int:
     """The byte ``b`` with ``#(key < b) < count <= #(key <= b)``, stepped to from its expected value ``256*m/n``.
 
     The bytes are uniform, so the expected value is off by at most one or two for any tensor worth drawing: two or
-    three comparison passes, where a 256-bin histogram of the bytes costs several times more on CPU.
+    three counting passes, where a 256-bin histogram of the bytes costs several times more on CPU.
     """
     cut = min(256 * count // key.numel(), 255)
-    below = int((key < cut).sum())
+    below = int((key < cut).count_nonzero())
     while below >= count:  # terminates: nothing is below 0
         cut -= 1
-        below = int((key < cut).sum())
+        below = int((key < cut).count_nonzero())
     while True:  # terminates: everything is at or below 255
-        through = below + int((key == cut).sum())
+        through = int((key <= cut).count_nonzero())
         if through >= count:
             return cut
         cut, below = cut + 1, through
@@ -111,24 +114,58 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else flat_view(t)
 
 
+class Workspace:
+    """Reusable scratch of the torch path, so that a step's per-layer ops allocate nothing but their results.
+
+    ``Tensor.scatter_`` is the fast CPU scatter (several times ``index_put_``) but takes int64 indices only, while
+    the indices are stored as int32 (half the bytes, for every period of every target): each op widens them into one
+    reused int64 buffer. The lerp of the free entries runs in one reused fp32 buffer. Both grow to the largest
+    target's ``m`` and stay: one layer's worth of scratch (12 bytes per free entry of the largest target).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A scratch vector of ``count`` elements of ``dtype`` (contents undefined), reused across calls."""
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < count or buffer.device != device:
+            buffer = self._buffers[dtype] = torch.empty(count, dtype=dtype, device=device)
+        return buffer[:count]
+
+    def wide(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices`` as int64 (a view of the scratch when they are int32)."""
+        if indices.dtype == torch.int64:
+            return indices
+        return self.take(indices.numel(), torch.int64, indices.device).copy_(indices)
+
+
 def gather(w: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, backend: Backend = "torch") -> torch.Tensor:
     """``out[j] <- w.flat[indices[j]]`` (memory order): the packed values of a period; returns ``out``."""
     if backend == "triton":
         from lightning_robustft.ops.sparse_mixout_triton import triton_gather
 
-        return triton_gather(_flat(w), indices, out.view(-1))
+        triton_gather(_flat(w), indices, out.view(-1))
+        return out
     torch.index_select(_flat(w), 0, indices, out=out.view(-1))
     return out
 
 
-def scatter_(w: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, backend: Backend = "torch") -> torch.Tensor:
+def scatter_(
+    w: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    backend: Backend = "torch",
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
     """``w.flat[indices[j]] <- values[j]`` in place: the packed values written back into the weight; returns ``w``."""
     if backend == "triton":
         from lightning_robustft.ops.sparse_mixout_triton import triton_scatter
 
         triton_scatter(_flat(w), indices, values.view(-1))
         return w
-    _flat(w).index_put_((indices,), values.view(-1))
+    workspace = workspace or Workspace()
+    _flat(w).scatter_(0, workspace.wide(indices), values.view(-1))
     return w
 
 
@@ -139,6 +176,7 @@ def mix(
     scale: float,
     out: torch.Tensor,
     backend: Backend = "torch",
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """``out <- a`` (rounded to ``out``'s dtype), then ``out.flat[I] <- lerp(a[I], v, s)`` in fp32: the mixed weight.
 
@@ -149,6 +187,7 @@ def mix(
         scale: ``s = 1/(1-p)`` as fp32 (:func:`~lightning_robustft.ops.mixout.mix_scale`).
         out: the weight-shaped output (the target's dtype and layout).
         backend: ``"torch"`` or ``"triton"``.
+        workspace: scratch reused across calls (torch path); ``None`` allocates.
 
     Returns:
         ``out``.
@@ -158,10 +197,13 @@ def mix(
 
         triton_mix(_flat(anchor), packed.view(-1), indices, scale, _flat(out))
         return out
-    flat = _flat(out)
-    flat.copy_(_flat(anchor))
-    free = torch.index_select(_flat(anchor), 0, indices)
-    flat.index_put_((indices,), torch.lerp(free, packed.view(-1).float(), scale).to(out.dtype))
+    workspace = workspace or Workspace()
+    flat, a = _flat(out), _flat(anchor)
+    flat.copy_(a)
+    free = torch.index_select(a, 0, indices, out=workspace.take(indices.numel(), torch.float32, a.device))
+    v = packed.view(-1)
+    torch.lerp(free, v if v.dtype == torch.float32 else v.float(), scale, out=free)
+    flat.scatter_(0, workspace.wide(indices), free if out.dtype == torch.float32 else free.to(out.dtype))
     return out
 
 
@@ -175,7 +217,10 @@ def packed_grad(grad: torch.Tensor, indices: torch.Tensor, scale: float, backend
         from lightning_robustft.ops.sparse_mixout_triton import triton_packed_grad
 
         return triton_packed_grad(_flat(grad), indices, scale)
-    return (torch.index_select(_flat(grad), 0, indices).float() * scale).to(grad.dtype)
+    selected = torch.index_select(_flat(grad), 0, indices)
+    if selected.dtype == torch.float32:
+        return selected.mul_(scale)
+    return (selected.float() * scale).to(grad.dtype)
 
 
 def update_anchor_(anchor: torch.Tensor, w: torch.Tensor, decay: float) -> torch.Tensor:
