@@ -251,8 +251,9 @@ def child_ddp(model: str, setting: str) -> dict[str, Any]:
     return {"per_step": per_step}
 
 
-def child_time(model: str, rounds: int, timed_steps: int) -> dict[str, Any]:
+def child_time(model: str, rounds: int, timed_steps: int, threads: int) -> dict[str, Any]:
     """(3) interleaved rounds in one process: per-step wall times of each GMixout setting."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     module = Classifier(model)
     times: dict[str, list[float]] = {setting: [] for setting in TIMED}
@@ -277,7 +278,7 @@ def mib(value: float) -> str:
     return f"{value / 2**20:.0f}"
 
 
-def tables(models: list[str], rounds: int, timed_steps: int) -> str:
+def tables(models: list[str], rounds: int, timed_steps: int, threads: int) -> str:
     state_lines = [
         "| model | setting | params (MiB) | grads (MiB) | optimizer (MiB) | callback (MiB) | training state (MiB) "
         "| × full FT | peak RSS (MiB) | Δ peak vs full FT (MiB) |",
@@ -306,7 +307,7 @@ def tables(models: list[str], rounds: int, timed_steps: int) -> str:
             traffic = statistics.median(per_step)
             base_traffic = base_traffic or traffic
             traffic_lines.append(f"| {label} | {setting} | {traffic / 2**20:.1f} | {traffic / base_traffic:.3f} |")
-        timing = spawn("time", model, str(rounds), str(timed_steps))
+        timing = spawn("time", model, str(rounds), str(timed_steps), str(threads))
         dense = timing["times"][TIMED[0]]
         for setting in TIMED:
             times = timing["times"][setting]
@@ -335,6 +336,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one model, 1 round of 3 timed steps (a smoke run)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the step timing")
     parser.add_argument("--models", nargs="+", default=list(IMAGE_SIZE), choices=list(IMAGE_SIZE))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of the step timing (default 1: on a machine shared beyond its cores, OpenMP threads "
+        "that wait for each other make multi-threaded step times swing by 2x between runs)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -344,12 +352,12 @@ def main() -> None:
         elif kind == "ddp":
             result = child_ddp(model, rest[0])
         else:
-            result = child_time(model, int(rest[0]), int(rest[1]))
+            result = child_time(model, int(rest[0]), int(rest[1]), int(rest[2]))
         print(json.dumps(result))
         return
     models = args.models[:1] if args.quick else args.models
     rounds, timed = (1, 3) if args.quick else (args.rounds, 10)
-    print(tables(models, rounds, timed))
+    print(tables(models, rounds, timed, args.threads))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Two backends, the same semantics:
   (:class:`Workspace`);
 * ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``): one kernel per op
   (:mod:`lightning_robustft.ops.sparse_mixout_triton`, imported lazily), which reads the int32 indices directly and
-  fuses the anchor copy with the lerp of the free entries. Results are bitwise those of the torch path (the same fp32
-  ``lerp`` formula, ``a + s*(v - a)``, and the same single rounding).
+  computes in registers (no scratch). Gathers, scatters and gradients are bitwise those of the torch path; the free
+  entries of ``w~`` agree with it to fp32 rounding (the same ``lerp`` formula, with or without a fused multiply-add).
 
 The free entries are drawn on the target's device from a :class:`torch.Generator` seeded with
 :func:`~lightning_robustft.ops.mixout.stream_seed` ``(seed, period, tensor index)``: the same on every rank and after
