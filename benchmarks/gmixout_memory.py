@@ -7,7 +7,8 @@ Models (random init, ``pretrained=False``): timm ViT-B/16 (at 112 px, so that a 
 do not depend on the image size) and the open_clip ViT-B-32 image tower at 224 px, each with a linear ``head``;
 batch 8; AdamW (``fused=True``, lr 1e-4, weight decay 0.05). Settings: full fine-tuning, dense GMixout (p = 0.9),
 sparse GMixout at p = 0.9 and p = 0.97 (all three with ``resample_every = 10``, ``anchor_decay = 0.99``), and LoRA
-r = 8 on the backbone's linear layers (``LoRACallback``, peft; the head trains fully).
+r = 8 (``LoRACallback``, peft) on the blocks' layers (timm: ``qkv``, ``proj``, ``fc1``, ``fc2``; open_clip: the
+attention modules, ``c_fc``, ``c_proj``), the head trained fully.
 
 (1) **Training-state bytes**, counted exactly from the tensors (distinct storages) at the optimizer step of the
     third step, when gradients and optimizer state both exist: the module's parameters (trainable or not), their
@@ -52,7 +53,7 @@ NUM_CLASSES = 10
 BATCH = 8
 IMAGE_SIZE = {"vit_b16": 112, "clip_b32": 224}
 MODEL_LABEL = {"vit_b16": "timm ViT-B/16 @112", "clip_b32": "open_clip ViT-B-32 image tower @224"}
-LORA_MODULES = {"vit_b16": ["qkv", "proj", "fc1", "fc2"], "clip_b32": ["out_proj", "c_fc", "c_proj"]}
+LORA_MODULES = {"vit_b16": ["qkv", "proj", "fc1", "fc2"], "clip_b32": ["attn", "c_fc", "c_proj"]}
 GMIXOUT = {"resample_every": 10, "anchor_decay": 0.99}
 SETTINGS: dict[str, dict[str, Any] | None] = {
     "full fine-tuning": None,
