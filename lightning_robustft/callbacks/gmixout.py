@@ -1,4 +1,8 @@
-"""``GMixoutCallback``: Mixout with a moving anchor and a resampling period, as a weight swap around the optimizer."""
+"""``GMixoutCallback``: Mixout with a moving anchor and a resampling period, as a weight swap around the optimizer.
+
+Dense by default (every entry of a target is a trainable parameter); ``sparse=True`` trains only each period's free
+entries through packed tensors (:mod:`lightning_robustft.callbacks._sparse_gmixout`, which explains its design).
+"""
 
 from __future__ import annotations
 
@@ -101,10 +105,24 @@ class GMixoutCallback(Callback):
             (``seed_everything(other)``) or ``seed`` is given: pass distinct seeds to compare mask draws.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton imports, else PyTorch), ``"triton"`` or
             ``"torch"``.
+        sparse: train only the free entries (the paper's sparse implementation). In each period exactly
+            ``round((1 - p) * n)`` entries of each target (a seeded uniform subset) are free; they live in one packed
+            ``nn.Parameter`` per target, registered next to it as ``<name>_gmixout_free`` during fit, which is all
+            the optimizer and DDP see of the target (the target itself is frozen during fit). ``w~`` is built one
+            layer at a time and not kept for the backward, so training state drops below full fine-tuning's (about
+            0.63x at ``p = 0.9`` with AdamW). At each new period the packed values are written back, the anchor
+            moves, a new subset is drawn and the packed tensors' optimizer state is reset (Adam's moments restart:
+            keep ``resample_every >= 10`` with Adam-type optimizers; a warning says so). Under plain SGD it equals
+            dense GMixout with the same masks; with momentum or weight decay the held entries of ``w`` stay put
+            (dense GMixout lets the optimizer move them). The optimizer must be built in ``configure_optimizers``
+            from the module's parameters; a ``torch.compile``'d model is not supported in this mode. See
+            docs/gmixout.md, "Sparse GMixout".
 
     Example::
 
         trainer = Trainer(callbacks=[GMixoutCallback(p=0.9, resample_every=10, anchor_decay=0.99)])
+        # or, training only the free entries (less memory and DDP traffic than full fine-tuning):
+        trainer = Trainer(callbacks=[GMixoutCallback(p=0.9, resample_every=10, anchor_decay=0.99, sparse=True)])
         trainer.fit(model, datamodule=dm)
 
     In a LightningCLI config::
