@@ -407,3 +407,23 @@ def test_dense_and_sparse_checkpoints_are_not_mixed_up(tmp_path: Path) -> None:
         RobustFTConfigError, match=r"trained with GMixoutCallback\(sparse=True\), this run has sparse=F"
     ):
         _resume_run(GMixoutCallback(p=0.7, targets=TARGETS), 3, ckpt_path=tmp_path / "sparse.ckpt")
+
+
+@pytest.mark.slow
+def test_sparse_demo_config_fits_and_leaves_a_plain_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``configs/demo_gmixout_sparse.yaml`` from the CLI: ImageClassifier's AdamW groups train the packed tensors."""
+    from lightning_robustft import ImageClassifier
+    from lightning_robustft.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["robustft"])
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_gmixout_sparse.yaml"
+    args = ["fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+    cli = cli_main([*args, "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}"])
+    callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GMixoutCallback))
+    assert callback.sparse and callback.step == 2
+    groups = cli.trainer.optimizers[0].param_groups
+    decayed = {id(param) for param in groups[0]["params"]}
+    assert all(id(target.packed) in decayed for target in callback.sparse_mixout.targets)  # (m, 1): ndim 2
+    saved = ImageClassifier.load_from_checkpoint(next(tmp_path.rglob("last.ckpt"))).state_dict()
+    assert set(cli.model.state_dict()) == set(saved)
+    assert not any(name.endswith(PACKED_SUFFIX) for name in saved)
