@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.ops.mixout import Backend as RequestedBackend
 from lightning_robustft.ops.mixout import mix_scale, resolve_backend
 from lightning_robustft.ops.sparse_mixout import (
     Backend,
@@ -119,7 +120,9 @@ class SparseMixout:
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, resolved in :meth:`start` on the training device.
     """
 
-    def __init__(self, module: nn.Module, names: Sequence[str], p: float, seed: int, backend: str = "auto") -> None:
+    def __init__(
+        self, module: nn.Module, names: Sequence[str], p: float, seed: int, backend: RequestedBackend = "auto"
+    ) -> None:
         self.p = p
         self.seed = seed
         self.scale = mix_scale(p)
@@ -185,9 +188,9 @@ class SparseMixout:
 
         Raises:
             RobustFTConfigError: a packed tensor is in no optimizer (``configure_optimizers`` must build the optimizer
-                from the module's parameters after ``setup``), or in more than one.
+                from the module's parameters after ``setup``).
         """
-        self.backend = resolve_backend(self.requested_backend, [t.weight for t in self.targets])  # type: ignore[arg-type]
+        self.backend = resolve_backend(self.requested_backend, [t.weight for t in self.targets])
         owned = {id(param) for optimizer in optimizers for group in optimizer.param_groups for param in group["params"]}
         missing = [t.packed_name for t in self.targets if id(t.packed) not in owned]
         if missing:
