@@ -1,6 +1,6 @@
 """Sparse vs dense GMixout vs full fine-tuning vs LoRA: training-state bytes, peak memory, DDP traffic, step time.
 
-    python benchmarks/gmixout_memory.py            # everything (about 20 minutes on 2 CPU cores)
+    python benchmarks/gmixout_memory.py            # everything (about 50 minutes on 2 shared CPU cores)
     python benchmarks/gmixout_memory.py --quick    # 3 timed steps per setting, one model (a smoke run)
 
 Models (random init, ``pretrained=False``): timm ViT-B/16 (at 112 px, so that a CPU step stays short; the parameters
@@ -325,7 +325,7 @@ def tables(models: list[str], rounds: int, timed_steps: int, threads: int) -> st
             "Bytes all-reduced per optimizer step under DDP (2 CPU ranks, gloo; a counting comm hook)",
             *traffic_lines,
             "",
-            f"Step time vs dense GMixout (CPU, {timing['threads']} threads; resample_every=10; interleaved, "
+            f"Step time vs dense GMixout (CPU, {timing['threads']} intra-op thread(s); resample_every=10; interleaved, "
             f"{rounds} rounds of 1 untimed + {timed_steps} timed steps)",
             *time_lines,
         ]
