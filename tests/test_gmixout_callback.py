@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -349,3 +350,27 @@ def test_half_precision_parameters_keep_their_dtype() -> None:
     assert model.backbone[0].weight.dtype == torch.bfloat16
     assert all(anchor.dtype == torch.float32 for anchor in callback.passes.anchors)
     assert all(torch.isfinite(param).all() for param in model.parameters())
+
+
+def test_frozen_backbone_suggests_trainable_targets() -> None:
+    """As with ``freeze_backbone=True``: every default target is frozen, so the error names trainable tensors only."""
+    model = make_model()
+    model.backbone.requires_grad_(False)
+    with pytest.raises(RobustFTConfigError, match=r"all 2 default targets .* are frozen") as info:
+        select_targets(model, None, [], "head")
+    assert "['head.weight', 'head.bias']" in str(info.value)
+    assert "backbone.0.weight" not in str(info.value)
+
+
+def test_explicit_targets_in_the_head_warn_once() -> None:
+    callback = GMixoutCallback(targets=["backbone.0.weight", "head.*"], seed=0)
+    model = make_model()
+    trainer = make_trainer([callback], max_steps=1)
+    with pytest.warns(UserWarning, match=r"select 2 tensors of the head 'head' \(\['head.weight', 'head.bias'\]\)"):
+        callback.setup(trainer, model, "fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.setup(trainer, model, "fit")
+        other = GMixoutCallback(targets=["backbone.0.weight"], seed=0)
+        other.setup(make_trainer([other], max_steps=1), model, "fit")
+    assert callback.target_names == ["backbone.0.weight", "head.weight", "head.bias"]

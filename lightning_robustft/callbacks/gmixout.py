@@ -1,4 +1,8 @@
-"""``GMixoutCallback``: Mixout with a moving anchor and a resampling period, as a weight swap around the optimizer."""
+"""``GMixoutCallback``: Mixout with a moving anchor and a resampling period, as a weight swap around the optimizer.
+
+Dense by default (every entry of a target is a trainable parameter); ``sparse=True`` trains only each period's free
+entries through packed tensors (:mod:`lightning_robustft.callbacks._sparse_gmixout`, which explains its design).
+"""
 
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ from torch.optim import Optimizer
 from lightning_robustft.callbacks._checks import (
     check_selection,
     is_real,
+    matching_names,
     refuse_unsupported,
     resolve_submodule,
     select_parameters,
 )
+from lightning_robustft.callbacks._sparse_gmixout import SparseMixout
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import MixoutPasses, splitmix64
 
@@ -30,6 +36,9 @@ ANCHORS_CHECKPOINT_KEY = "gmixout_anchors"
 
 #: Seeds are kept in ``[0, 2**31 - 1]`` so every backend (a Triton ``tl.rand`` seed is 32-bit) can take them.
 MAX_SEED = 2**31 - 1
+
+#: With Adam-type optimizers, sparse GMixout warns below this many steps per subset (their moments restart each period).
+MIN_ADAPTIVE_PERIOD = 10
 
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -91,13 +100,29 @@ class GMixoutCallback(Callback):
         head: dotted name of the classification head, left out of the default targets; ``None`` when the module has
             no head to leave out.
         seed: seed of the masks in ``[0, 2**31 - 1]``. ``None`` derives it from ``torch.initial_seed()`` (which
-            ``seed_everything`` sets) without consuming the global generator, then takes rank zero's value.
+            ``seed_everything`` sets) without consuming the global generator, then takes rank zero's value. So
+            every fit in one process draws the same masks unless the process is re-seeded in between
+            (``seed_everything(other)``) or ``seed`` is given: pass distinct seeds to compare mask draws.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton imports, else PyTorch), ``"triton"`` or
             ``"torch"``.
+        sparse: train only the free entries (the paper's sparse implementation). In each period exactly
+            ``round((1 - p) * n)`` entries of each target (a seeded uniform subset) are free; they live in one packed
+            ``nn.Parameter`` per target, registered next to it as ``<name>_gmixout_free`` during fit, which is all
+            the optimizer and DDP see of the target (the target itself is frozen during fit). ``w~`` is built one
+            layer at a time and not kept for the backward, so training state drops below full fine-tuning's (about
+            0.63x at ``p = 0.9`` with AdamW). At each new period the packed values are written back, the anchor
+            moves, a new subset is drawn and the packed tensors' optimizer state is reset (Adam's moments restart:
+            keep ``resample_every >= 10`` with Adam-type optimizers; a warning says so). Under plain SGD it equals
+            dense GMixout with the same masks; with momentum or weight decay the held entries of ``w`` stay put
+            (dense GMixout lets the optimizer move them). The optimizer must be built in ``configure_optimizers``
+            from the module's parameters; a ``torch.compile``'d model is not supported in this mode. See
+            docs/gmixout.md, "Sparse GMixout".
 
     Example::
 
         trainer = Trainer(callbacks=[GMixoutCallback(p=0.9, resample_every=10, anchor_decay=0.99)])
+        # or, training only the free entries (less memory and DDP traffic than full fine-tuning):
+        trainer = Trainer(callbacks=[GMixoutCallback(p=0.9, resample_every=10, anchor_decay=0.99, sparse=True)])
         trainer.fit(model, datamodule=dm)
 
     In a LightningCLI config::
@@ -118,6 +143,7 @@ class GMixoutCallback(Callback):
         head: str | None = "head",
         seed: int | None = None,
         backend: Backend = "auto",
+        sparse: bool = False,
     ) -> None:
         if not is_real(p) or not 0.0 <= p < 1.0:
             raise RobustFTConfigError(f"`p`={p!r} must be a probability in [0, 1) (Mixout's usual value is 0.9).")
@@ -134,6 +160,8 @@ class GMixoutCallback(Callback):
             raise RobustFTConfigError(f"`seed`={seed!r} must be None or an integer in [0, {MAX_SEED}].")
         if backend not in ("auto", "triton", "torch"):
             raise RobustFTConfigError(f"`backend`={backend!r} must be one of 'auto', 'triton', 'torch'.")
+        if not isinstance(sparse, bool):
+            raise RobustFTConfigError(f"`sparse`={sparse!r} must be True or False.")
         self.p = float(p)
         self.resample_every = resample_every
         self.anchor_decay = float(anchor_decay)
@@ -141,6 +169,9 @@ class GMixoutCallback(Callback):
         self.exclude = list(exclude) if exclude is not None else []
         self.head = head
         self.backend: Backend = backend
+        self.sparse = sparse
+        self._sparse: SparseMixout | None = None
+        self._warned_head = False
         self._requested_seed = seed
         self._seed: int | None = seed
         self._target_names: list[str] = []
@@ -172,6 +203,11 @@ class GMixoutCallback(Callback):
         """The fused passes (anchors, masks) over the targets; built when training starts, kept for checkpoints."""
         return self._passes
 
+    @property
+    def sparse_mixout(self) -> SparseMixout | None:
+        """With ``sparse=True``: the packed tensors, anchors and the period's free indices (built in ``setup``)."""
+        return self._sparse
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse what cannot be served, resolve the targets and the seed (shared by all ranks), reset the counters."""
         if stage != TrainerFn.FITTING:
@@ -183,19 +219,30 @@ class GMixoutCallback(Callback):
                 "Found more than one GMixoutCallback in `trainer.callbacks`; mixing the same weights twice is not "
                 "meaningful. Keep one and select its tensors with `targets` / `exclude`."
             )
+        if self._sparse is not None:  # a previous fit that ended without teardown
+            self._sparse.detach()
         self._target_names = select_targets(pl_module, self.targets, self.exclude, self.head)
+        self._warn_head_targets(pl_module)
         seed = self._requested_seed if self._requested_seed is not None else derive_seed(torch.initial_seed())
         self._seed = int(trainer.strategy.broadcast(seed, src=0))
         self._step = self._anchor_period = self._mixed_period = 0
         self._scale_before_step = None
         self._passes = None
+        self._sparse = None
         self._loaded_anchors = None
+        if self.sparse:
+            # Before configure_optimizers and DDP: both must see the packed tensors as trainable, the targets frozen.
+            self._sparse = SparseMixout(pl_module, self._target_names, self.p, self._seed, self.backend)
+            self._sparse.attach()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the passes once the model is on its device and any checkpoint is restored (anchors from it)."""
         params = dict(pl_module.named_parameters())
         self._params = [params[name] for name in self._target_names]
         assert self._seed is not None
+        if self._sparse is not None:
+            self._start_sparse(trainer, params)
+            return
         # The passes swap the parameters' `.data` (w~ in, w back), which keeps each Parameter object, its autograd
         # version counter, its optimizer state and DDP's hooks: backward sees w~, the optimizer steps w.
         self._passes = MixoutPasses(self._params, self.p, self._seed, self.backend)
@@ -212,6 +259,15 @@ class GMixoutCallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Before the first forward of an optimizer step: move the anchor at a new period, then write ``w~``."""
+        sparse = self._sparse
+        if sparse is not None:
+            self._settle_skipped_step(trainer)
+            period = self._step // self.resample_every
+            if period > self._anchor_period:
+                sparse.begin_period(period, self.anchor_decay)
+                self._anchor_period = period
+            sparse.activate()
+            return
         passes = self._passes
         if passes is None or passes.mixed:
             return
@@ -224,8 +280,21 @@ class GMixoutCallback(Callback):
         passes.mix_in(period)
         self._mixed_period = period
 
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sparse: the micro-batch's backward is done; the modules show ``w`` again until the next forward."""
+        if self._sparse is not None:
+            self._sparse.deactivate()
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        """Restore ``w`` and turn the (reduced, unscaled) gradient of ``w~`` into the gradient of ``w``."""
+        """Restore ``w`` and turn the (reduced, unscaled) gradient of ``w~`` into the gradient of ``w``.
+
+        Sparse: the packed gradients are complete already; only the step is counted.
+        """
+        if self._sparse is not None:
+            self._sparse.deactivate()
+            self._step += 1
+            self._scale_before_step = grad_scale(trainer)
+            return
         passes = self._passes
         if passes is None:
             return
@@ -238,19 +307,27 @@ class GMixoutCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Take back the step count of an optimizer step that the AMP ``GradScaler`` skipped."""
+        if self._sparse is not None:
+            self._sparse.deactivate()
         self._settle_skipped_step(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Validate the learned weights: restore ``w`` mid-step; the next training batch mixes again."""
         self._restore()
+        if self._sparse is not None:
+            self._sparse.deactivate()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Leave ``w`` in the model if fit stopped between a mix-in and its optimizer step."""
+        """Leave ``w`` in the model if fit stopped between a mix-in and its optimizer step; sparse: the plain model."""
         self._restore()
+        if self._sparse is not None:
+            self._sparse.detach()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Leave ``w`` in the model when fit fails mid-step (Lightning calls no other hook then)."""
         self._restore()
+        if self._sparse is not None:
+            self._sparse.detach()
 
     def state_dict(self) -> dict[str, Any]:
         """The seed and counters (the anchors go into the checkpoint via ``on_save_checkpoint``)."""
@@ -261,10 +338,17 @@ class GMixoutCallback(Callback):
             "p": self.p,
             "resample_every": self.resample_every,
             "anchor_decay": self.anchor_decay,
+            "sparse": self.sparse,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the checkpointed run: its seed and counters win over the constructor's seed."""
+        if state_dict.get("sparse", False) != self.sparse:
+            raise RobustFTConfigError(
+                f"The checkpoint was trained with GMixoutCallback(sparse={state_dict.get('sparse', False)}), this run "
+                f"has sparse={self.sparse}: their optimizer states hold different tensors (packed free entries vs "
+                "full weights). Resume with the same `sparse`, or load only the weights (not `ckpt_path`)."
+            )
         levers = ("p", "resample_every", "anchor_decay")
         saved = {key: state_dict[key] for key in levers if key in state_dict}
         current = {key: getattr(self, key) for key in levers}
@@ -277,6 +361,14 @@ class GMixoutCallback(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Store the fp32 anchors; if saved mid-step, put ``w`` (not ``w~``) in the checkpoint's ``state_dict``."""
+        if self._sparse is not None:
+            # The model's state_dict holds w (current after every optimizer step) and not the packed tensors; the
+            # subset is redrawn from the seed and the period, the packed values gathered from w, the packed
+            # optimizer state is in the checkpoint's optimizer states.
+            anchors = [target.anchor for target in self._sparse.targets]
+            if all(anchor is not None for anchor in anchors):
+                checkpoint[ANCHORS_CHECKPOINT_KEY] = dict(zip(self._target_names, anchors, strict=True))
+            return
         passes = self._passes
         if passes is None:
             return
@@ -301,6 +393,40 @@ class GMixoutCallback(Callback):
             )
             return
         self._loaded_anchors = checkpoint[ANCHORS_CHECKPOINT_KEY]
+
+    def _start_sparse(self, trainer: Trainer, params: Mapping[str, nn.Parameter]) -> None:
+        assert self._sparse is not None
+        self._sparse.start(self._anchor_period, trainer.optimizers, self._loaded_anchors)
+        self._loaded_anchors = None
+        adaptive = [type(opt).__name__ for opt in trainer.optimizers if "betas" in opt.defaults]
+        if adaptive and self.resample_every < MIN_ADAPTIVE_PERIOD:
+            rank_zero_warn(
+                f"GMixoutCallback(sparse=True) resets the optimizer state of the packed tensors at every new subset, "
+                f"and {adaptive[0]} keeps moment estimates: with resample_every={self.resample_every} they restart "
+                f"every {self.resample_every} steps, so an update is about lr * sign(gradient) and the second moment "
+                f"never warms up. Use resample_every >= {MIN_ADAPTIVE_PERIOD} (e.g. 10-100) with Adam-type optimizers."
+            )
+        mixed = sum(target.count for target in self._sparse.targets)
+        total = sum(target.weight.numel() for target in self._sparse.targets)
+        rank_zero_info(
+            f"GMixoutCallback(sparse=True): {len(self._target_names)} tensors, {mixed:,} of their {total:,} entries "
+            f"free per period, p={self.p}, resample_every={self.resample_every}, anchor_decay={self.anchor_decay}, "
+            f"backend={self._sparse.backend}, seed={self._seed}, starting at step {self._step}."
+        )
+
+    def _warn_head_targets(self, pl_module: LightningModule) -> None:
+        """Say once that explicit ``targets`` reach into the head, which the default targets leave out."""
+        if self.targets is None or self.head is None or self._warned_head:
+            return
+        resolve_submodule(pl_module, self.head)
+        in_head = [name for name in self._target_names if name.startswith(self.head + ".")]
+        if in_head:
+            self._warned_head = True
+            rank_zero_warn(
+                f"GMixoutCallback: `targets` select {len(in_head)} tensors of the head {self.head!r} ({in_head[:3]}); "
+                "they are mixed like the others (the default targets leave the head out, since a new head has no "
+                "pretrained weights to anchor to). Add the head to `exclude` if that is not intended."
+            )
 
     def _restore(self) -> None:
         if self._passes is not None and self._passes.mixed:
@@ -348,8 +474,21 @@ def select_targets(
 
     Raises:
         RobustFTConfigError: a pattern matches no parameter, ``targets`` matches only frozen ones, ``head`` is not a
-            submodule, or nothing is left to mix.
+            submodule, or nothing is left to mix (then the names it suggests are trainable ones).
     """
+    if targets is None:
+        params = dict(module.named_parameters())
+        trainable = [name for name, param in params.items() if param.requires_grad and param.is_floating_point()]
+        excluded = {name for pattern in exclude for name in matching_names(params, pattern)}
+        defaults = set(default_target_names(module, head)) - excluded
+        if defaults and not defaults & set(trainable) and all(matching_names(params, pat) for pat in exclude):
+            # E.g. ImageClassifier(freeze_backbone=True): every default weight is frozen. Suggest what can be mixed.
+            raise RobustFTConfigError(
+                f"GMixoutCallback: all {len(defaults)} default targets of {type(module).__name__} (Linear / conv "
+                f"weights outside head={head!r}) are frozen (requires_grad=False, e.g. freeze_backbone=True), and "
+                "GMixout mixes trainable weights only. Unfreeze them, or name trainable tensors in `targets`: "
+                f"{trainable[:8] if trainable else 'none is trainable'}."
+            )
     return select_parameters(
         module,
         targets,
