@@ -8,6 +8,8 @@ set names, ID set and class subsets are linked into the model, so a YAML file st
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_robustft.data.multi_domain import MultiDomainDataModule
@@ -31,8 +33,12 @@ class RobustFTCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
 
-def cli_main(args: ArgsType = None) -> RobustFTCLI:
-    """Entry point of ``robustft``; ``args`` (a list of strings or a dict) makes it callable from tests."""
+def cli_main(args: ArgsType = None, run: bool = True) -> RobustFTCLI:
+    """Entry point of ``robustft``; ``args`` (a list of strings or a dict) makes it callable from tests.
+
+    ``run=False`` only builds the model, data module and trainer (no subcommand), as ``robustft compare`` does for
+    each cell of its grid.
+    """
     return RobustFTCLI(
         ImageClassifier,
         MultiDomainDataModule,
@@ -42,11 +48,17 @@ def cli_main(args: ArgsType = None) -> RobustFTCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
+        run=run,
     )
 
 
 def main() -> None:
     """Console-script entry point (returns nothing, so the process exits with status 0 on success)."""
+    if sys.argv[1:2] == ["compare"]:  # not a Trainer subcommand: a grid of fits (lightning_robustft.compare)
+        from lightning_robustft.compare.cli import compare_main
+
+        compare_main(sys.argv[2:])
+        return
     cli_main()
 
 
