@@ -227,7 +227,7 @@ def check_grid(grid: Grid) -> None:
         raise RobustFTConfigError(f"--lrs {grid.lrs} repeats a value.")
     if not grid.seeds or len(set(grid.seeds)) != len(grid.seeds):
         raise RobustFTConfigError(f"--seeds {grid.seeds}: give distinct integer seeds, e.g. `--seeds 0 1 2`.")
-    if "ft" not in grid.trained:
+    if "ft" not in grid.baseline:
         raise RobustFTConfigError("The baseline must include `ft` (full fine-tuning): differences are taken to it.")
     unknown = [name for name in grid.baseline if name not in grid.presets]
     if unknown:
@@ -305,6 +305,7 @@ def run_cells(
         try:
             result = run_cell(grid, cell)
         except (Exception, SystemExit) as error:  # SystemExit: jsonargparse reports a bad config by exiting
+            grid.cell_dir(cell).mkdir(parents=True, exist_ok=True)
             (grid.cell_dir(cell) / ERROR).write_text(traceback.format_exc())
             report["failed"].append(cell.key)
             echo(f"compare: {cell.key} FAILED ({type(error).__name__}: {error}); see {grid.cell_dir(cell) / ERROR}")
@@ -351,6 +352,7 @@ def run_cell(grid: Grid, cell: Cell) -> dict[str, Any]:
         "seed": cell.seed,
         "lr": cell.lr,
         "hparams": _hparams(grid, cell),
+        "settings": _settings(grid, cell),
         "fingerprint": grid.fingerprint(cell),
         "seconds": round(time.perf_counter() - start, 1),
         **extra,
@@ -363,13 +365,17 @@ def run_cell(grid: Grid, cell: Cell) -> dict[str, Any]:
 
 
 def _hparams(grid: Grid, cell: Cell) -> dict[str, Any]:
+    """The cell's searched hyperparameters (the learning rate it trained at)."""
+    if cell.method == SOUP or cell.lr is None:
+        return {}
+    return {"lr": cell.lr * grid.presets[cell.method].lr_scale}
+
+
+def _settings(grid: Grid, cell: Cell) -> str:
+    """The method's fixed settings, in words."""
     if cell.method == SOUP:
-        return {"ingredients": "ft at every lr of the grid"}
-    preset = grid.presets[cell.method]
-    hparams: dict[str, Any] = {} if cell.lr is None else {"lr": cell.lr * preset.lr_scale}
-    if preset.description:
-        hparams["settings"] = preset.description
-    return hparams
+        return "greedy soup of the ft runs at every lr, chosen on ID val"
+    return grid.presets[cell.method].description
 
 
 def _build(config_file: Path) -> Any:

@@ -85,7 +85,7 @@ def summarize(
         per_seed[ZERO_SHOT] = {
             seed: _seed_entry(row, [row], frontier[seed], id_key, fit) for seed, row in sorted(zero_shot.items())
         }
-        summary[ZERO_SHOT] = _aggregate(per_seed[ZERO_SHOT], selected={})
+        summary[ZERO_SHOT] = {**_aggregate(per_seed[ZERO_SHOT], selected={}), "settings": "the starting model"}
     for method in methods:
         runs = by_method.get(method.trained or method.name, {})
         if not runs:
@@ -100,6 +100,7 @@ def summarize(
         if method.wiseft:
             selected["wiseft_alpha"] = wiseft_alpha
         summary[method.name] = _aggregate(per_seed[method.name], selected)
+        summary[method.name]["settings"] = runs[lr][0].get("settings", "")
     reference = per_seed.get("ft", {})
     for name, entry in summary.items():
         entry["paired_vs_ft"] = _paired(per_seed[name], reference)
@@ -170,6 +171,7 @@ def markdown(summary: Mapping[str, Any], failed: Sequence[str], command: str | N
     id_name = "ID test" if summary["id_metric"] == "id_test" else "ID val"
     header = [
         "method",
+        "settings",
         "selected",
         f"{id_name} (%)",
         "OOD avg (%)",
@@ -189,6 +191,7 @@ def markdown(summary: Mapping[str, Any], failed: Sequence[str], command: str | N
         paired = entry["paired_vs_ft"]
         cells = [
             name,
+            entry.get("settings", ""),
             selected or "–",
             _pm(entry, "id_acc"),
             _pm(entry, "ood_avg"),
