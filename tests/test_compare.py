@@ -249,9 +249,11 @@ def test_bad_grid_is_refused_before_training(
         compare(blobs_config(tmp_path), **arguments)
 
 
-def test_missing_config_file_is_named(tmp_path: Path, no_training: None) -> None:
+def test_missing_config_file_is_named_through_the_callable_package(tmp_path: Path, no_training: None) -> None:
+    import lightning_robustft
+
     with pytest.raises(RobustFTConfigError, match=r"nowhere\.yaml"):
-        compare(tmp_path / "nowhere.yaml", ["ft"])
+        lightning_robustft.compare(tmp_path / "nowhere.yaml", ["ft"])
 
 
 def test_command_line_error_is_one_line_and_status_2(
