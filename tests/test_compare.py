@@ -238,6 +238,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"wiseft_alpha": 1.5}, r"alpha 1.5 must be a number in \[0, 1\]"),
         ({"baseline": ["lpft"]}, "must include `ft`"),
         ({"shard": (2, 2)}, r"--shard 2/2"),
+        ({"eval_batches": 0}, r"eval_batches=0"),
         ({"overrides": {"model.init_args.lr": None, "model": 3}}, "no `model.class_path`"),
     ],
 )
@@ -277,3 +278,26 @@ def test_shards_partition_the_cells() -> None:
     assert sorted((c for s in shards for c in s), key=cells.index) == cells
     assert shards[1] == [cells[1], cells[5]]
     assert shard_cells(cells, None) == cells
+
+
+def test_learning_rate_goes_where_the_config_takes_it(tmp_path: Path) -> None:
+    from lightning_robustft.compare.grid import Grid, load_base_config
+
+    def cell_model_args(overrides: dict[str, Any]) -> dict[str, Any]:
+        grid = Grid(
+            config=load_base_config(blobs_config(tmp_path), overrides),
+            config_path=tmp_path,
+            methods=resolve_methods(["lora"], BUILTIN_PRESETS),
+            presets=BUILTIN_PRESETS,
+            seeds=[3],
+            lrs=[0.01],
+            out=tmp_path / "out",
+            baseline=["ft"],
+        )
+        return grid.cell_config(Cell("lora", 3, 0.01))["model"]["init_args"]
+
+    assert cell_model_args({})["lr"] == pytest.approx(0.03)  # LoRA trains at 3x each rate of the grid
+    optimizer = cell_model_args({"model.init_args.optimizer": "torch.optim.SGD"})["optimizer"]
+    assert optimizer == {"class_path": "torch.optim.SGD", "init_args": {"lr": pytest.approx(0.03)}}
+    with_args = {"model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}}
+    assert cell_model_args(with_args)["optimizer"]["init_args"] == {"momentum": 0.9, "lr": pytest.approx(0.03)}

@@ -200,7 +200,8 @@ def test_demo_smoke_grid_through_the_command_line(tmp_path: Path, monkeypatch: p
         "--out", str(out), "--alphas", "0", "1", "--set", "trainer.max_epochs=1",
         "--set", "trainer.limit_train_batches=2", "--set", "trainer.limit_val_batches=0",
         "--set", "trainer.callbacks=[]",
-        "--set", "data.init_args.ood_sets=[rotated]",
+        "--set", "data.init_args.ood_sets=[rotated]", "--set", "data.init_args.eval_batch_size=100",
+        "--eval-batches", "2",
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     main()
@@ -208,5 +209,7 @@ def test_demo_smoke_grid_through_the_command_line(tmp_path: Path, monkeypatch: p
     assert set(summary["methods"]) == {"zero-shot", "ft", "wiseft"}
     run = _runs(out)[0]
     assert set(run["curve"][0]["sets"]) == {"id", "rotated"}
+    for accuracy in run["curve"][-1]["sets"].values():  # --eval-batches 2 of 100 images: multiples of 1/200
+        assert 200 * accuracy == pytest.approx(round(200 * accuracy), abs=1e-3)
     assert run["curve"][0]["id_test"] != run["curve"][-1]["id_test"]  # two steps of fine-tuning moved the model
     assert "robustft compare --config configs/demo.yaml" in (out / "summary.md").read_text()

@@ -25,6 +25,7 @@ def compare(
     baseline: Sequence[str] = ("ft",),
     alphas: Sequence[float] | None = None,
     wiseft_alpha: float = 0.5,
+    eval_batches: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
     summarize_only: bool = False,
@@ -50,6 +51,8 @@ def compare(
             model starts without a zero-shot head).
         alphas: the WiSE-FT curve's coefficients (default 0, 0.1, ..., 1; 0, 1 and ``wiseft_alpha`` always added).
         wiseft_alpha: the coefficient of the ``+wiseft`` methods (0.5, WiSE-FT's choice without OOD data).
+        eval_batches: evaluate at most this many batches of each set on the curves (``None``: whole sets); for a
+            quick look when the evaluation sets are large. The soup is chosen on as many ID validation batches.
         overrides: ``{"trainer.max_epochs": 3, ...}`` applied to the base config (dotted keys).
         shard: ``(i, N)``: run only every N-th cell from the i-th; several shards can share ``out``.
         summarize_only: run nothing but the soups whose ingredients are finished, then write the summary.
@@ -74,6 +77,7 @@ def compare(
         baseline=list(baseline),
         alphas=list(DEFAULT_ALPHAS if alphas is None else alphas),
         wiseft_alpha=wiseft_alpha,
+        eval_batches=eval_batches,
     )
     check_grid(grid)
     cells = shard_cells(grid.cells(), None if summarize_only else shard)

@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", nargs="+", default=["ft"], help="presets whose WiSE-FT curves form the frontier")
     p.add_argument("--alphas", nargs="+", type=float, default=None, help="WiSE-FT curve coefficients")
     p.add_argument("--wiseft-alpha", type=float, default=0.5, help="alpha of the +wiseft methods")
+    p.add_argument("--eval-batches", type=int, default=None, help="at most this many batches per set on the curves")
     p.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE")
     p.add_argument("--shard", type=_shard, default=None, metavar="i/N", help="run every N-th cell from the i-th")
     p.add_argument("--summarize", action="store_true", help="no training: merge the shards' cells and summarise")
@@ -79,6 +80,7 @@ def compare_main(argv: Sequence[str] | None = None) -> None:
             baseline=args.baseline,
             alphas=args.alphas,
             wiseft_alpha=args.wiseft_alpha,
+            eval_batches=args.eval_batches,
             overrides=dict(args.overrides),
             shard=args.shard,
             summarize_only=args.summarize,

@@ -80,8 +80,9 @@ class Grid:
         lrs: the learning rates (``None``: the base config's own).
         out: the output folder.
         baseline: the presets whose WiSE-FT curves form the frontier.
-        alphas: the WiSE-FT curve's coefficients (0 and 1 always included).
+        alphas: the WiSE-FT curve's coefficients (0, 1 and ``wiseft_alpha`` always included).
         wiseft_alpha: the coefficient of the ``+wiseft`` methods.
+        eval_batches: evaluate at most this many batches of each set on the curve (``None``: whole sets).
     """
 
     config: dict[str, Any]
@@ -94,6 +95,7 @@ class Grid:
     baseline: list[str]
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     wiseft_alpha: float = 0.5
+    eval_batches: int | None = None
 
     @property
     def trained(self) -> list[str]:
@@ -148,7 +150,7 @@ class Grid:
         """A hash of what determines the cell's result (its config, the alphas, the soup's ingredients)."""
         config = self.cell_config(cell)
         del config["trainer"]["default_root_dir"]  # the folder may move; what it holds does not change
-        what: dict[str, Any] = {"config": config, "alphas": self.alphas}
+        what: dict[str, Any] = {"config": config, "alphas": self.alphas, "eval_batches": self.eval_batches}
         if cell.method == SOUP:
             what["ingredients"] = [Cell("ft", cell.seed, lr).key for lr in (self.lrs or [None])]
         else:
@@ -159,8 +161,13 @@ class Grid:
 def _set_lr(model_args: dict[str, Any], lr: float) -> None:
     """Put ``lr`` where the base config takes it: its optimizer's ``init_args.lr`` if it names one, else ``lr``."""
     optimizer = model_args.get("optimizer")
-    if isinstance(optimizer, dict) and isinstance(optimizer.get("init_args"), dict):
-        optimizer["init_args"]["lr"] = lr
+    if isinstance(optimizer, str):  # a bare class path
+        optimizer = model_args["optimizer"] = {"class_path": optimizer}
+    if isinstance(optimizer, dict):
+        init_args = optimizer.get("init_args")
+        if not isinstance(init_args, dict):
+            init_args = optimizer["init_args"] = {}
+        init_args["lr"] = lr
     else:
         model_args["lr"] = lr
 
@@ -235,10 +242,13 @@ def check_grid(grid: Grid) -> None:
     for alpha in [*grid.alphas, grid.wiseft_alpha]:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise RobustFTConfigError(f"alpha {alpha!r} must be a number in [0, 1] (0: the start, 1: the method).")
+    # wiseft_alpha always: adding a `+wiseft` method to a finished grid later then needs no new cell
     grid.alphas = sorted({0.0, 1.0, float(grid.wiseft_alpha), *map(float, grid.alphas)})
+    if grid.eval_batches is not None and (not isinstance(grid.eval_batches, int) or grid.eval_batches < 1):
+        raise RobustFTConfigError(f"eval_batches={grid.eval_batches!r}: give an integer >= 1, or None (whole sets).")
     if grid.lrs is not None:
         model_args = grid.config["model"].get("init_args") or {}
-        if not isinstance(model_args.get("optimizer"), dict) and "lr" not in _parameters(model_class):
+        if not isinstance(model_args.get("optimizer"), (dict, str)) and "lr" not in _parameters(model_class):
             raise RobustFTConfigError(
                 f"--lrs given, but {model_class.__name__} takes no `lr` and the config names no optimizer with "
                 "`init_args.lr`: say where the learning rate goes, or leave out --lrs."
@@ -423,7 +433,8 @@ def _run_trained(
             )
         start, extra = probe.state, {"start": "probe"}
     evaluation = _evaluation_sets(model, datamodule)
-    return _curve(model, trainer, start, theta_1, evaluation, grid.alphas), {**extra, "id_set": evaluation.id_set}
+    curve = _curve(model, trainer, start, theta_1, evaluation, grid.alphas, grid.eval_batches)
+    return curve, {**extra, "id_set": evaluation.id_set}
 
 
 def _run_soup(grid: Grid, cell: Cell, config_file: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -450,7 +461,7 @@ def _run_soup(grid: Grid, cell: Cell, config_file: Path) -> tuple[list[dict[str,
         "id_set": evaluation.id_set,
         "soup": [ingredients[index].key for index in soup.ingredients],
     }
-    return _curve(model, trainer, theta_0, soup.state_dict, evaluation, grid.alphas), extra
+    return _curve(model, trainer, theta_0, soup.state_dict, evaluation, grid.alphas, grid.eval_batches), extra
 
 
 @dataclass
@@ -486,15 +497,17 @@ def _curve(
     end: Mapping[str, Any],
     sets: _EvaluationSets,
     alphas: Sequence[float],
+    eval_batches: int | None,
 ) -> list[dict[str, Any]]:
     """The WiSE-FT curve from ``start`` to ``end``: per alpha, every validation set, the OOD average, the ID test."""
     device = trainer.strategy.root_device
+    limit = dict.fromkeys(sets.val, eval_batches)
     context = trainer.precision_plugin.forward_context
     model.to(device)
     rows = []
     for alpha in alphas:
         apply_alpha(model, start, end, alpha)
-        accuracy = evaluate_accuracy(model, sets.val, device=device, forward_context=context)
+        accuracy = evaluate_accuracy(model, sets.val, device=device, max_batches=limit, forward_context=context)
         ood = [value for name, value in accuracy.items() if name != sets.id_set]
         row: dict[str, Any] = {
             "alpha": alpha,
@@ -502,7 +515,9 @@ def _curve(
             "ood_avg": round(sum(ood) / len(ood), _DIGITS),
         }
         if sets.id_test is not None:
-            test = evaluate_accuracy(model, {sets.id_set: sets.id_test}, device=device, forward_context=context)
+            test = evaluate_accuracy(
+                model, {sets.id_set: sets.id_test}, device=device, max_batches=limit, forward_context=context
+            )
             row["id_test"] = round(test[sets.id_set], _DIGITS)
         row["sets"] = {name: round(value, _DIGITS) for name, value in accuracy.items()}
         rows.append(row)
