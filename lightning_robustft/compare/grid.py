@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -263,8 +264,6 @@ def check_grid(grid: Grid) -> None:
 
 
 def _parameters(cls: type) -> list[str]:
-    import inspect
-
     return list(inspect.signature(cls).parameters)
 
 

@@ -74,7 +74,7 @@ BUILTIN_PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
         Preset("ft", description="full fine-tuning (the baseline)"),
-        Preset("lp", model={"freeze_backbone": True}, lr_scale=10.0, description="linear probe, lr x10"),
+        Preset("lp", model={"freeze_backbone": True}, lr_scale=30.0, description="linear probe, lr x30"),
         Preset(
             "gmixout",
             (_callback("lightning_robustft.GMixoutCallback", p=0.9, resample_every=5, anchor_decay=0.95),),

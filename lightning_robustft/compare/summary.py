@@ -265,27 +265,31 @@ def plot_frontier(
         if name in summary["baseline"]:
             xs, ys = mean_curve(runs)
             axes.plot(xs, ys, color="0.75", lw=0.8, zorder=1)
-    colours = colormaps["tab10"]
-    for index, method in enumerate(methods):
+    palette = colormaps["tab10"]
+    trained = list(dict.fromkeys(m.trained or m.name for m in methods if m.name != "ft"))
+    colours = {name: palette(index % 10) for index, name in enumerate(trained)} | {"ft": "black"}
+    drawn: set[tuple[str, float | None]] = set()
+    for method in methods:
         entry = summary["methods"].get(method.name)
         if entry is None:
             continue
-        trained = method.trained or method.name
-        lr = next((r["lr"] for r in results if r["method"] == trained and _same_hparams(r, entry)), None)
-        runs = by_setting.get((trained, lr), [])
-        colour = "black" if method.name == "ft" else colours(index % 10)
-        if runs and not method.wiseft:
+        name = method.trained or method.name
+        lr = next((r["lr"] for r in results if r["method"] == name and _same_hparams(r, entry)), None)
+        runs = by_setting.get((name, lr), [])
+        if runs and (name, lr) not in drawn:  # one curve per trained setting; a `+wiseft` point sits on it
+            drawn.add((name, lr))
             xs, ys = mean_curve(runs)
-            axes.plot(xs, ys, "-", color=colour, lw=2 if method.name == "ft" else 1.3, marker=".", ms=4, zorder=2)
+            axes.plot(xs, ys, "-", color=colours[name], lw=2 if name == "ft" else 1.3, marker=".", ms=4, zorder=2)
         marker = "*" if method.wiseft else ("s" if method.name == "greedy_soup" else "o")
-        axes.plot(entry["id_acc"], entry["ood_avg"], marker, color=colour, ms=11, label=method.name, ls="", zorder=3)
+        size = 14 if method.wiseft else 10
+        axes.plot(entry["id_acc"], entry["ood_avg"], marker, color=colours[name], ms=size, label=method.name, ls="")
     if ZERO_SHOT in summary["methods"]:
         zero = summary["methods"][ZERO_SHOT]
-        axes.plot(zero["id_acc"], zero["ood_avg"], "X", color="black", ms=11, label=ZERO_SHOT, ls="", zorder=3)
+        axes.plot(zero["id_acc"], zero["ood_avg"], "X", color="black", ms=11, label=ZERO_SHOT, ls="")
     axes.set_xlabel(("ID test" if id_key == "id_test" else "ID validation") + " accuracy (%)")
     axes.set_ylabel("OOD-average accuracy (%)")
     axes.set_title(
-        f"WiSE-FT curves (selected settings, mean over {len(summary['seeds'])} seed(s)); grey: baseline at every lr"
+        f"WiSE-FT curves, mean over {len(summary['seeds'])} seed(s); grey: {'+'.join(summary['baseline'])} at every lr"
     )
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
