@@ -156,11 +156,14 @@ class Boom(Callback):
 
 def test_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
     presets = tmp_path / "presets.yaml"
-    presets.write_text(f"boom:\n  callbacks:\n    - class_path: {__name__}.Boom\n")
+    presets.write_text(
+        f"boom:\n  callbacks:\n    - class_path: {__name__}.Boom\n"
+        "badtype:\n  model: {label_smoothing: high}\n"  # a name the model takes, a value its type refuses
+    )
     lines: list[str] = []
     summary = compare(
         blobs_config(tmp_path, max_epochs=1),
-        ["boom", "ft"],
+        ["boom", "badtype", "ft"],
         lrs=[0.1],
         out=tmp_path / "out",
         presets=presets,
@@ -169,7 +172,10 @@ def test_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
     )
     assert any("boom-lr0.1-seed0 FAILED (RuntimeError: boom in training)" in line for line in lines)
     assert "boom in training" in (tmp_path / "out" / "cells" / "boom-lr0.1-seed0" / "error.txt").read_text()
-    assert summary["unfinished"] == ["boom-lr0.1-seed0"]
+    assert any(
+        "badtype-lr0.1-seed0 FAILED (RobustFTConfigError:" in line and "label_smoothing" in line for line in lines
+    )
+    assert summary["unfinished"] == ["boom-lr0.1-seed0", "badtype-lr0.1-seed0"]
     assert "boom" not in summary["methods"] and "ft" in summary["methods"]
     assert "Failed cells" in (tmp_path / "out" / "summary.md").read_text()
 

@@ -12,9 +12,11 @@ refused before any training, since its results would mix two grids.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -313,7 +315,7 @@ def run_cells(
         start = time.perf_counter()
         try:
             result = run_cell(grid, cell)
-        except (Exception, SystemExit) as error:  # SystemExit: jsonargparse reports a bad config by exiting
+        except Exception as error:
             grid.cell_dir(cell).mkdir(parents=True, exist_ok=True)
             (grid.cell_dir(cell) / ERROR).write_text(traceback.format_exc())
             report["failed"].append(cell.key)
@@ -388,12 +390,21 @@ def _settings(grid: Grid, cell: Cell) -> str:
 
 
 def _build(config_file: Path) -> Any:
-    """The model, data module and trainer of ``robustft fit --config config_file`` (LightningCLI, not run)."""
+    """The model, data module and trainer of ``robustft fit --config config_file`` (LightningCLI, not run).
+
+    jsonargparse reports a config it cannot parse by printing to stderr and exiting; that message becomes the
+    cell's error instead, so the grid goes on and the message lands in the cell's ``error.txt``.
+    """
     from lightning_robustft.cli import cli_main
 
-    with warnings.catch_warnings():  # `robustft compare ...` is in sys.argv; the cell's args are what counts
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return cli_main(["--config", str(config_file)], run=False)
+    stderr = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # sys.argv is `robustft compare`
+        try:
+            return cli_main(["--config", str(config_file)], run=False)
+        except SystemExit:
+            message = stderr.getvalue().strip().splitlines()
+            raise RobustFTConfigError(f"{config_file} does not parse: {' '.join(message[-3:])}") from None
 
 
 class _ProbeSnapshot(Callback):
