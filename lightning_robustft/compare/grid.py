@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
 import traceback
 import warnings
@@ -398,13 +399,15 @@ def _build(config_file: Path) -> Any:
     from lightning_robustft.cli import cli_main
 
     stderr = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # sys.argv is `robustft compare`
-        try:
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is `robustft compare`
             return cli_main(["--config", str(config_file)], run=False)
-        except SystemExit:
-            message = stderr.getvalue().strip().splitlines()
-            raise RobustFTConfigError(f"{config_file} does not parse: {' '.join(message[-3:])}") from None
+    except SystemExit:
+        message = stderr.getvalue().strip().splitlines()
+        raise RobustFTConfigError(f"{config_file} does not parse: {' '.join(message[-3:])}") from None
+    finally:
+        sys.stderr.write(stderr.getvalue())  # warnings and messages still reach the user
 
 
 class _ProbeSnapshot(Callback):
