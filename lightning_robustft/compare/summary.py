@@ -212,11 +212,37 @@ def markdown(summary: Mapping[str, Any], failed: Sequence[str], command: str | N
         "gain: the best point of the method's own WiSE-FT curve. Effective robustness: OOD above the logit-space "
         "linear fit of the baseline endpoints. Δ: paired per-seed differences to `ft`.",
     ]
+    lines += ["", *_paired_table(summary)]
     if failed:
         lines += ["", f"Failed cells (not in the table; see their error.txt): {', '.join(failed)}."]
     if command:
         lines += ["", f"Produced by `{command}`."]
     return "\n".join(lines) + "\n"
+
+
+def _paired_table(summary: Mapping[str, Any]) -> list[str]:
+    """Per seed, each method's difference to ``ft`` (ID, OOD average) and its frontier gain, in points."""
+    per_seed = summary["per_seed"]
+    reference = per_seed.get("ft", {})
+    seeds = [str(seed) for seed in summary["seeds"]]
+    lines = [
+        "Per seed: Δ ID / Δ OOD avg vs `ft` (points), then the frontier gain.",
+        "",
+        "| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|" + " --- |" * (len(seeds) + 1),
+    ]
+    for name, entries in per_seed.items():
+        cells = []
+        for seed in seeds:
+            entry, base = entries.get(seed), reference.get(seed)
+            if entry is None or base is None:
+                cells.append("–")
+                continue
+            gain = "–" if entry["frontier_gain"] is None else f"{entry['frontier_gain']:+.1f}"
+            delta = f"{entry['id_acc'] - base['id_acc']:+.1f} / {entry['ood_avg'] - base['ood_avg']:+.1f}"
+            cells.append(f"{delta}; {gain}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_json(summary: Mapping[str, Any], path: Path) -> None:
