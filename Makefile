@@ -35,7 +35,7 @@ demo: install
 
 compare-demo: install  # methods on the ID-OOD plane: WiSE-FT curves, frontier gains (docs/compare.md)
 	$(BIN)/robustft compare --config configs/compare_demo.yaml --methods ft gmixout wiseft gmixout+wiseft \
-		--seeds 0 --lrs 1e-4 3e-4 --alphas 0 0.25 0.5 0.75 1 --out robustft_logs/compare-demo
+		--seeds 0 --lrs 3e-4 --alphas 0 0.25 0.5 0.75 1 --out robustft_logs/compare-demo
 
 bench: install
 	$(BIN)/python benchmarks/gmixout.py

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from _compare_fixtures import Blobs, blobs_config
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_robustft.compare import compare
 from lightning_robustft.compare import grid as grid_module
@@ -178,6 +179,37 @@ def test_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
     assert summary["unfinished"] == ["boom-lr0.1-seed0", "badtype-lr0.1-seed0"]
     assert "boom" not in summary["methods"] and "ft" in summary["methods"]
     assert "Failed cells" in (tmp_path / "out" / "summary.md").read_text()
+
+
+class Preempted(Callback):
+    """Stands for a SIGTERM (a preempted job) while :attr:`armed`: Lightning's loops raise ``SIGTERMException``."""
+
+    armed = True
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if Preempted.armed:
+            raise SIGTERMException
+
+
+def test_sigterm_stops_the_grid_and_a_rerun_resumes_from_that_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    presets = tmp_path / "presets.yaml"
+    presets.write_text(f"preempted:\n  callbacks:\n    - class_path: {__name__}.Preempted\n")
+    config, out = blobs_config(tmp_path, max_epochs=1), tmp_path / "out"
+    started = _count_cells(monkeypatch)
+    run: Callable[[], Any] = lambda: compare(  # noqa: E731
+        config, ["ft", "preempted"], seeds=[0, 1], lrs=[0.1], out=out, presets=presets, alphas=[0, 1], echo=_quiet
+    )
+    with pytest.raises(SystemExit) as stopped:
+        run()
+    assert stopped.value.code == 143  # what a shell reports for SIGTERM, so a scheduler sees the job did not finish
+    assert started == ["ft-lr0.1-seed0", "preempted-lr0.1-seed0"]  # seed 1 never started
+    assert not (out / "cells" / "preempted-lr0.1-seed0" / "result.json").exists()
+    monkeypatch.setattr(Preempted, "armed", False)
+    summary = run()
+    assert started[2:] == ["preempted-lr0.1-seed0", "ft-lr0.1-seed1", "preempted-lr0.1-seed1"]
+    assert summary["methods"]["preempted"]["seeds"] == [0, 1]
 
 
 def test_shards_share_one_folder_and_summarize_merges_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_robustft.compare._wiseft import (
@@ -53,6 +54,7 @@ ERROR = "error.txt"
 CONFIG = "config.yaml"
 WEIGHTS = "weights.pt"
 _DIGITS = 6
+_SIGTERM_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 _PROBE_FRACTION = 0.3  # LP-FT's probe, as a share of max_epochs, when a preset does not say
 
 
@@ -316,6 +318,9 @@ def run_cells(
         start = time.perf_counter()
         try:
             result = run_cell(grid, cell)
+        except SIGTERMException:  # the job is being stopped (a preempted GPU, a SLURM time limit): stop the grid
+            echo(f"compare: SIGTERM during {cell.key}; stopping. Rerun the same command to resume from that cell.")
+            raise SystemExit(_SIGTERM_STATUS) from None
         except Exception as error:
             grid.cell_dir(cell).mkdir(parents=True, exist_ok=True)
             (grid.cell_dir(cell) / ERROR).write_text(traceback.format_exc())
