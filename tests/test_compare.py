@@ -301,3 +301,15 @@ def test_learning_rate_goes_where_the_config_takes_it(tmp_path: Path) -> None:
     assert optimizer == {"class_path": "torch.optim.SGD", "init_args": {"lr": pytest.approx(0.03)}}
     with_args = {"model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}}
     assert cell_model_args(with_args)["optimizer"]["init_args"] == {"momentum": 0.9, "lr": pytest.approx(0.03)}
+
+
+def test_a_seed_without_baseline_cells_has_no_frontier_gain() -> None:
+    results = [
+        _result("ft", 0.1, 0, [(0.5, 0.6, 0), (0.7, 0.66, 0), (0.8, 0.6, 0)]),
+        _result("mixout", 0.1, 0, [(0.5, 0.6, 0), (0.65, 0.7, 0), (0.75, 0.66, 0)]),
+        _result("mixout", 0.1, 1, [(0.52, 0.6, 0), (0.67, 0.7, 0), (0.77, 0.62, 0)]),  # seed 1's ft failed
+    ]
+    summary = summarize(results, [Method("ft", "ft"), Method("mixout", "mixout")], ["ft"], wiseft_alpha=0.5)
+    assert summary["per_seed"]["mixout"]["1"]["frontier_status"] == "no_baseline"
+    assert summary["methods"]["mixout"]["frontier_gain"] == pytest.approx(3.0)  # seed 0 only
+    assert summary["methods"]["mixout"]["paired_vs_ft"]["seeds"] == [0]

@@ -31,7 +31,7 @@ from typing import Literal
 Point = tuple[float, float]
 """``(ID accuracy, OOD-average accuracy)``, both in the same unit (fractions or percent)."""
 
-Status = Literal["in_range", "below", "above"]
+Status = Literal["in_range", "below", "above", "no_baseline"]
 
 _LOGIT_EPS = 1e-4  # accuracies of exactly 0 or 1 have no logit; they are clipped this far inside (0, 1)
 
@@ -43,7 +43,8 @@ class FrontierGain:
     Attributes:
         gain: ``ood - reference`` (``None`` when ``status == "above"``).
         reference: the baseline's OOD accuracy that the point is compared with (``None`` when ``"above"``).
-        status: ``"in_range"``, ``"below"`` or ``"above"`` (see the module docstring).
+        status: ``"in_range"``, ``"below"`` or ``"above"`` (see the module docstring); ``"no_baseline"`` in
+            summaries of a seed whose baseline cells all failed.
     """
 
     gain: float | None

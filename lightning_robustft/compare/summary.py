@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_robustft.compare.frontier import Point, best_frontier_gain, frontier_gain, logit_fit
+from lightning_robustft.compare.frontier import FrontierGain, Point, best_frontier_gain, frontier_gain, logit_fit
 from lightning_robustft.compare.presets import Method
 
 ZERO_SHOT = "zero-shot"
@@ -122,8 +122,11 @@ def _seed_entry(
     fit: Any,
 ) -> dict[str, Any]:
     point = _point(row, id_key)
-    gain = frontier_gain(point, baseline)
-    best = best_frontier_gain([_point(r, id_key) for r in curve], baseline)
+    if not baseline:  # every baseline cell of this seed failed: nothing to compare with
+        gain, best = FrontierGain(None, None, "no_baseline"), None
+    else:
+        gain = frontier_gain(point, baseline)
+        best = best_frontier_gain([_point(r, id_key) for r in curve], baseline)
     return {
         "id_acc": 100 * point[0],
         "ood_avg": 100 * point[1],
