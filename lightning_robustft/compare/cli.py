@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         "of fits, each model's WiSE-FT curve, selection on ID validation, frontier gains vs full fine-tuning.",
         epilog=f"example: {EXAMPLE}",
     )
-    p.add_argument("--config", required=True, help="the base YAML, as `robustft fit --config` takes it")
+    p.add_argument("--config", help="the base YAML, as `robustft fit --config` takes it (required to run)")
     p.add_argument("--methods", nargs="+", default=["ft"], help="presets, <method>+wiseft, wiseft, greedy_soup")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="learning rates (default: the config's)")
@@ -62,7 +62,10 @@ def parser() -> argparse.ArgumentParser:
 
 def compare_main(argv: Sequence[str] | None = None) -> None:
     """Run ``robustft compare``; a configuration error exits with status 2 and a one-line message."""
-    args = parser().parse_args(argv)
+    arguments = parser()
+    args = arguments.parse_args(argv)
+    if args.config is None and not args.list_presets:
+        arguments.error("--config is required: the YAML file `robustft fit --config` takes")
     try:
         if args.list_presets:
             for name, preset in load_presets(args.presets).items():
