@@ -316,3 +316,13 @@ def test_a_seed_without_baseline_cells_has_no_frontier_gain() -> None:
     assert summary["per_seed"]["mixout"]["1"]["frontier_status"] == "no_baseline"
     assert summary["methods"]["mixout"]["frontier_gain"] == pytest.approx(3.0)  # seed 0 only
     assert summary["methods"]["mixout"]["paired_vs_ft"]["seeds"] == [0]
+
+
+def test_best_frontier_gain_leaves_out_the_start_of_the_curve() -> None:
+    ft = [(0.5, 0.6, 0), (0.7, 0.66, 0), (0.8, 0.6, 0)]
+    worse = [(0.5, 0.6, 0), (0.6, 0.55, 0), (0.7, 0.6, 0)]  # starts on the frontier (zero-shot), then falls below
+    results = [_result("ft", 0.1, 0, ft), _result("mixout", 0.1, 0, worse)]
+    summary = summarize(results, [Method("ft", "ft"), Method("mixout", "mixout")], ["ft"], wiseft_alpha=0.5)
+    seed = summary["per_seed"]["mixout"]["0"]
+    assert seed["best_frontier_gain"] == pytest.approx(-6.0)  # alpha 1: 0.60 vs 0.66; alpha 0.5: 0.55 vs 0.63
+    assert seed["best_alpha"] == 1.0

@@ -126,7 +126,10 @@ def _seed_entry(
         gain, best = FrontierGain(None, None, "no_baseline"), None
     else:
         gain = frontier_gain(point, baseline)
-        best = best_frontier_gain([_point(r, id_key) for r in curve], baseline)
+        # the start (alpha 0) is not the method's: zero-shot lies on every ft curve, so it would score 0 for free
+        moved = [r for r in curve if r["alpha"] > 0] or list(curve)
+        best_of = best_frontier_gain([_point(r, id_key) for r in moved], baseline)
+        best = None if best_of is None else (best_of[0], curve.index(moved[best_of[1]]))
     return {
         "id_acc": 100 * point[0],
         "ood_avg": 100 * point[1],
