@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test lint docs demo bench clean
+.PHONY: install test lint docs demo compare-demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: install lint docs
 demo: install
 	$(BIN)/robustft validate --config configs/demo.yaml   # the zero-shot model
 	$(BIN)/robustft fit --config configs/demo.yaml        # fine-tuning it
+
+compare-demo: install  # methods on the ID-OOD plane: WiSE-FT curves, frontier gains (docs/compare.md)
+	$(BIN)/robustft compare --config configs/compare_demo.yaml --methods ft gmixout wiseft gmixout+wiseft \
+		--seeds 0 --lrs 3e-4 --alphas 0 0.25 0.5 0.75 1 --out robustft_logs/compare-demo
 
 bench: install
 	$(BIN)/python benchmarks/gmixout.py

@@ -1,5 +1,6 @@
 """lightning-robustft: Lightning callbacks that make fine-tuned vision models robust under distribution shift."""
 
+from lightning_robustft import compare  # a callable package: lightning_robustft.compare(config, methods, ...)
 from lightning_robustft.callbacks import (
     DropoutHeadCallback,
     GMixoutCallback,
@@ -36,6 +37,7 @@ __all__ = [
     "WeightPenaltyCallback",
     "WiSEFTCallback",
     "average_state_dicts",
+    "compare",
     "greedy_soup",
     "interpolate_state_dicts",
     "run_soup",

@@ -5,31 +5,24 @@
 say ``train: ${oc.env:IMAGENET_ROOT}/train`` and take its paths from the environment. The data module's class list,
 set names, ID set and class subsets are linked into the model, so a YAML file states them once.
 
-A configuration mistake found while the objects are built (a bad backbone, a missing folder, an unknown metric)
-ends the command with one ``robustft: error: ...`` line on stderr and exit status 1, not a 30-frame traceback;
-``ROBUSTFT_TRACEBACK=1`` shows the traceback.
+The console script itself (``robustft``, with its ``compare`` subcommand and its one-line errors) is
+`lightning_robustft.console.main`; this module is the LightningCLI that it and ``robustft compare``'s cells run.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
-from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-import lightning_robustft
 from lightning_robustft.data.multi_domain import MultiDomainDataModule
 from lightning_robustft.models.classifier import ImageClassifier
 from lightning_robustft.prediction import PredictionWriter
 
-__all__ = ["DATA_TO_MODEL_LINKS", "TRACEBACK_ENV", "RobustFTCLI", "cli_main", "find_user_error", "main"]
+__all__ = ["DATA_TO_MODEL_LINKS", "RobustFTCLI", "cli_main"]
 
 #: data-module attribute -> ImageClassifier argument, filled in when the data module is instantiated.
 DATA_TO_MODEL_LINKS: dict[str, str] = {
@@ -38,13 +31,6 @@ DATA_TO_MODEL_LINKS: dict[str, str] = {
     "id_set": "id_set",
     "class_subsets": "class_subsets",
 }
-
-#: Set to ``1`` to see the full traceback of an error that ``robustft`` would otherwise print as one line.
-TRACEBACK_ENV = "ROBUSTFT_TRACEBACK"
-
-#: Built-in errors that are a user's mistake when this package raises them (elsewhere they are bugs: traceback).
-_USER_ERROR_TYPES = (ValueError, TypeError, FileNotFoundError, ImportError)
-_PACKAGE_DIR = str(Path(lightning_robustft.__file__).resolve().parent)
 
 
 class RobustFTCLI(LightningCLI):
@@ -99,8 +85,12 @@ class RobustFTCLI(LightningCLI):
         rank_zero_info("\n".join(lines))
 
 
-def cli_main(args: ArgsType = None) -> RobustFTCLI:
-    """Entry point of ``robustft``; ``args`` (a list of strings or a dict) makes it callable from tests."""
+def cli_main(args: ArgsType = None, run: bool = True) -> RobustFTCLI:
+    """Entry point of ``robustft``; ``args`` (a list of strings or a dict) makes it callable from tests.
+
+    ``run=False`` only builds the model, data module and trainer (no subcommand), as ``robustft compare`` does for
+    each cell of its grid.
+    """
     return RobustFTCLI(
         ImageClassifier,
         MultiDomainDataModule,
@@ -110,43 +100,5 @@ def cli_main(args: ArgsType = None) -> RobustFTCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
+        run=run,
     )
-
-
-def find_user_error(error: BaseException) -> BaseException | None:
-    """The configuration mistake behind ``error``, or ``None`` when it is a bug (which keeps its traceback).
-
-    jsonargparse wraps an error raised while it builds a class in its own ``ValueError``, so the chain of causes is
-    searched. Configuration errors (this package's and Lightning's ``MisconfigurationException``) always count; a
-    ``ValueError``, ``TypeError``, ``FileNotFoundError`` or ``ImportError`` counts when this package raised it (its
-    messages say what to fix), not when it comes from deep inside a library.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, MisconfigurationException):
-            return current
-        if isinstance(current, _USER_ERROR_TYPES):
-            frames = traceback.extract_tb(current.__traceback__)
-            if frames and str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE_DIR):
-                return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def main() -> None:
-    """Console-script entry point: exit status 0 on success, 1 with a one-line message on a configuration error."""
-    try:
-        cli_main()
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is None or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
-            raise
-        print(f"robustft: error: {user_error}", file=sys.stderr)
-        print(f"(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-if __name__ == "__main__":
-    main()

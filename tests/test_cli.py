@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_robustft.cli import cli_main, find_user_error, main
+from lightning_robustft.cli import cli_main
+from lightning_robustft.console import find_user_error, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -153,7 +154,14 @@ def test_configuration_error_is_one_line_on_stderr(image_folders, tmp_path, monk
 
 def test_traceback_on_request(image_folders, tmp_path):
     config = bad_backbone_config(tmp_path, image_folders)
-    command = [sys.executable, "-c", "from lightning_robustft.cli import main; main()", "fit", "--config", str(config)]
+    command = [
+        sys.executable,
+        "-c",
+        "from lightning_robustft.console import main; main()",
+        "fit",
+        "--config",
+        str(config),
+    ]
     env = {**os.environ, "ROBUSTFT_TRACEBACK": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1

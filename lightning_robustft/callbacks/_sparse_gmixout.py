@@ -1,6 +1,6 @@
 """Sparse GMixout's machinery: packed free entries as the only trainable tensors, ``w~`` built one layer at a time.
 
-``GMixoutCallback(sparse=True)`` drives a :class:`SparseMixout`. Per target weight ``w`` (``n`` entries) it keeps
+``GMixoutCallback(sparse=True)`` drives a `SparseMixout`. Per target weight ``w`` (``n`` entries) it keeps
 
 * ``w`` itself, still the module's ``nn.Parameter`` under its own name, but with ``requires_grad=False`` during fit,
   so neither the optimizer nor DDP sees it; it is kept current (``w[I] = v``) after every optimizer step;
@@ -14,7 +14,7 @@
 The mixed weight ``w~`` is never a tensor of the model. During a training step (from ``on_train_batch_start`` to
 ``on_after_backward``) each owner's class is swapped for a subclass whose attribute ``<name>`` is a property (the
 mechanism of ``torch.nn.utils.parametrize``, applied only for the step): reading ``module.weight`` runs
-:class:`_SparseMix`, a custom autograd function that builds ``w~`` from ``a``, ``v`` and ``I`` and whose backward
+`_SparseMix`, a custom autograd function that builds ``w~`` from ``a``, ``v`` and ``I`` and whose backward
 turns the gradient of ``w~`` (full size, one layer at a time) into the packed gradient ``s * g[I]``. The layer would
 normally keep ``w~`` for its own backward (a linear layer needs it for the input's gradient); a
 ``torch.autograd.graph.saved_tensors_hooks`` pair replaces any saved ``w~`` (or view of it) by a small token and
@@ -107,17 +107,17 @@ class _SparseMix(torch.autograd.Function):
 class SparseMixout:
     """The state and the steps of sparse GMixout over a fixed list of target parameters of one module.
 
-    Lifecycle, driven by the callback: :meth:`attach` (``setup``, before ``configure_optimizers``), :meth:`start`
-    (``on_train_start``: anchors, first subset, optimizer checks), then per step :meth:`begin_period` at a new
-    period, :meth:`activate` / :meth:`deactivate` around forward and backward, :meth:`write_back` after each optimizer
-    step (an optimizer step post-hook); :meth:`detach` at the end of fit or on an exception.
+    Lifecycle, driven by the callback: `attach` (``setup``, before ``configure_optimizers``), `start`
+    (``on_train_start``: anchors, first subset, optimizer checks), then per step `begin_period` at a new
+    period, `activate` / `deactivate` around forward and backward, `write_back` after each optimizer
+    step (an optimizer step post-hook); `detach` at the end of fit or on an exception.
 
     Args:
         module: the module whose parameters are mixed (the ``LightningModule``).
         names: target parameter names, as in ``module.named_parameters()``.
         p: probability that an entry is held at the anchor, in ``[0, 1)``.
         seed: the mask seed, the same on every rank.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``, resolved in :meth:`start` on the training device.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, resolved in `start` on the training device.
     """
 
     def __init__(
@@ -348,7 +348,7 @@ def _drop_keys(keys: Sequence[str]) -> Callable[..., None]:
 def _supply_keys(keys: Sequence[str]) -> Callable[..., None]:
     """A ``load_state_dict`` pre-hook that supplies the packed parameters' current values.
 
-    So strict loads of plain state dicts (a resume, WiSE-FT) do not report them missing; :func:`_regather` then
+    So strict loads of plain state dicts (a resume, WiSE-FT) do not report them missing; `_regather` then
     refreshes them from the loaded weights.
     """
 

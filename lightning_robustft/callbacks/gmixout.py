@@ -1,7 +1,7 @@
 """``GMixoutCallback``: Mixout with a moving anchor and a resampling period, as a weight swap around the optimizer.
 
 Dense by default (every entry of a target is a trainable parameter); ``sparse=True`` trains only each period's free
-entries through packed tensors (:mod:`lightning_robustft.callbacks._sparse_gmixout`, which explains its design).
+entries through packed tensors (`lightning_robustft.callbacks._sparse_gmixout`, which explains its design).
 """
 
 from __future__ import annotations

@@ -9,19 +9,19 @@ starts). The mixed weight the layer computes with is
 which is dense GMixout's ``w~ = a + M*(w - a)/(1-p)`` with the mask ``M`` that is 1 exactly on ``I``. Its gradient
 with respect to ``v`` is ``s * g[I]`` (``g`` the gradient of ``w~``), dense GMixout's ``M*g/(1-p)`` at the free
 entries. Every function here works on the target's entries in memory order (the element index of a dense tensor's
-flat view), like :mod:`lightning_robustft.ops.mixout`, so channels-last weights are served as they lie.
+flat view), like `lightning_robustft.ops.mixout`, so channels-last weights are served as they lie.
 
 Two backends, the same semantics:
 
 * ``"torch"`` (any device): ``index_select`` / ``scatter_`` and eager arithmetic in fp32, with reused scratch
-  (:class:`Workspace`);
+  (`Workspace`);
 * ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``): one kernel per op
-  (:mod:`lightning_robustft.ops.sparse_mixout_triton`, imported lazily), which reads the int32 indices directly and
+  (`lightning_robustft.ops.sparse_mixout_triton`, imported lazily), which reads the int32 indices directly and
   computes in registers (no scratch). Gathers, scatters and gradients are bitwise those of the torch path; the free
   entries of ``w~`` agree with it to fp32 rounding (the same ``lerp`` formula, with or without a fused multiply-add).
 
-The free entries are drawn on the target's device from a :class:`torch.Generator` seeded with
-:func:`~lightning_robustft.ops.mixout.stream_seed` ``(seed, period, tensor index)``: the same on every rank and after
+The free entries are drawn on the target's device from a `torch.Generator` seeded with
+`stream_seed` ``(seed, period, tensor index)``: the same on every rank and after
 a resume (CPU and CUDA generators differ, so a run keeps its subsets on one device type).
 """
 
@@ -31,8 +31,19 @@ from typing import Literal
 
 import torch
 
-from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import flat_view, stream_seed
+
+__all__ = [
+    "Backend",
+    "Workspace",
+    "draw_free_indices",
+    "free_count",
+    "gather",
+    "mix",
+    "packed_grad",
+    "scatter_",
+    "update_anchor_",
+]
 
 Backend = Literal["triton", "torch"]
 
@@ -41,11 +52,11 @@ def free_count(numel: int, p: float) -> int:
     """``m = round((1 - p) * numel)``: how many entries of a tensor of ``numel`` entries are free in every period.
 
     Raises:
-        RobustFTConfigError: ``m`` would be 0 (``p`` too close to 1 for so small a tensor: nothing would train).
+        ValueError: ``m`` would be 0 (``p`` too close to 1 for so small a tensor: nothing would train).
     """
     count = round((1.0 - p) * numel)
     if count < 1:
-        raise RobustFTConfigError(
+        raise ValueError(
             f"Sparse GMixout with p={p} leaves round((1 - p) * {numel}) = 0 free entries in a tensor of {numel} "
             "entries, so it would never train. Lower `p` or leave the tensor out of the targets (`exclude`)."
         )
@@ -63,7 +74,7 @@ def draw_free_indices(numel: int, count: int, seed: int, period: int, index: int
 
     Args:
         numel: Entries of the tensor.
-        count: Free entries, ``1 <= count <= numel`` (:func:`free_count`).
+        count: Free entries, ``1 <= count <= numel`` (`free_count`).
         seed: The run's mask seed.
         period: Mask period.
         index: Position of the tensor in the target list.
@@ -73,7 +84,7 @@ def draw_free_indices(numel: int, count: int, seed: int, period: int, index: int
         int32 indices (int64 for tensors of ``2**31`` entries or more), ascending, shape ``(count,)``.
     """
     if not 1 <= count <= numel:
-        raise RobustFTConfigError(f"`count`={count} must be in [1, numel={numel}].")
+        raise ValueError(f"`count`={count} must be in [1, numel={numel}].")
     dtype = torch.int32 if numel < 2**31 else torch.int64
     if count == numel:
         return torch.arange(numel, dtype=dtype, device=device)
@@ -184,7 +195,7 @@ def mix(
         anchor: fp32 anchor, laid out like ``out``.
         packed: the packed free values ``v`` (``m`` entries, any shape).
         indices: the free entries ``I``.
-        scale: ``s = 1/(1-p)`` as fp32 (:func:`~lightning_robustft.ops.mixout.mix_scale`).
+        scale: ``s = 1/(1-p)`` as fp32 (`mix_scale`).
         out: the weight-shaped output (the target's dtype and layout).
         backend: ``"torch"`` or ``"triton"``.
         workspace: scratch reused across calls (torch path); ``None`` allocates.

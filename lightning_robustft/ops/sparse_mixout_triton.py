@@ -1,7 +1,7 @@
-"""Triton kernels of sparse GMixout's ops (imported lazily by :mod:`lightning_robustft.ops.sparse_mixout`).
+"""Triton kernels of sparse GMixout's ops (imported lazily by `lightning_robustft.ops.sparse_mixout`).
 
 One launch per op and tensor, each a flat 1-D grid over the ``m`` free entries (or, for the anchor copy, the ``n``
-entries) in blocks of :func:`block_size` elements. The int32 indices are read as they are stored (no int64 copy, as
+entries) in blocks of `block_size` elements. The int32 indices are read as they are stored (no int64 copy, as
 the torch path's ``scatter_`` needs), and the fp32 arithmetic and the rounding to the weight's dtype happen in
 registers:
 
@@ -10,7 +10,7 @@ registers:
   ``out[I[j]] = lerp(a[I[j]], v[j], s)`` (``m`` entries), no scratch;
 * the packed gradient ``s * g[I[j]]``, rounded once to the gradient's dtype.
 
-Arithmetic follows the torch path: :func:`torch.lerp`'s two-branch formula in fp32 (exactly the anchor at weight 0,
+Arithmetic follows the torch path: `torch.lerp`'s two-branch formula in fp32 (exactly the anchor at weight 0,
 exactly ``v`` at weight 1), bf16 rounded to nearest-even with integer ops (the interpreter would otherwise truncate).
 Gathers, scatters, the anchor copy and the packed gradient give the torch path's bits; a free entry of ``w~`` agrees
 with it to fp32 rounding, since CPU ``torch.lerp`` fuses its multiply-add in its vectorised loop and not in its
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from lightning_robustft.errors import RobustFTConfigError
+__all__ = ["block_size", "kernels_interpreted", "triton_gather", "triton_mix", "triton_packed_grad", "triton_scatter"]
 
 _NUM_WARPS = 4
 
@@ -107,12 +107,12 @@ def _check(*tensors: torch.Tensor) -> None:
     """Refuse tensors the kernels cannot reach: CPU ones with compiled kernels, CUDA ones in the interpreter."""
     devices = {t.device.type for t in tensors}
     if kernels_interpreted() and devices != {"cpu"}:
-        raise RobustFTConfigError(
+        raise ValueError(
             f"The sparse GMixout kernels were defined for the Triton interpreter (TRITON_INTERPRET=1 at import) and "
             f"got tensors on {sorted(devices)}: unset TRITON_INTERPRET before the first import, or use backend='torch'."
         )
     if not kernels_interpreted() and devices != {"cuda"}:
-        raise RobustFTConfigError(
+        raise ValueError(
             f"The sparse GMixout kernels were defined compiled and got tensors on {sorted(devices)}: compiled Triton "
             "runs on CUDA tensors; set TRITON_INTERPRET=1 before the first import to interpret them on CPU."
         )
