@@ -1,11 +1,13 @@
 import sys
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 from lightning_robustft.data import demo
@@ -248,3 +250,13 @@ def test_mirrored_id_task_is_new_to_the_shipped_tiny_clip():
         mirrored, clean = zero_shot(DemoDigits("id_val", setting="mirrored")), zero_shot(DemoDigits("clean"))
     assert clean > 0.9
     assert mirrored < clean - 0.2, (mirrored, clean)
+
+
+def test_mirrored_config_is_the_demo_config_on_the_mirrored_setting():
+    # The two configs must differ only in the setting (and the log folder), so their numbers compare like for like.
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    first = yaml.safe_load((configs / "demo.yaml").read_text())
+    second = yaml.safe_load((configs / "demo_mirrored.yaml").read_text())
+    assert second["data"]["init_args"].pop("setting") == "mirrored"
+    assert second["trainer"].pop("default_root_dir") != first["trainer"].pop("default_root_dir")
+    assert second == first
