@@ -15,6 +15,11 @@ rendered at 32 x 32 RGB in several styles, so the package can show robust fine-t
   pool, as ImageNet-C corrupts ImageNet's held-out images: disjoint from every image used to train or select a
   model, and paired with ``id_test`` digit for digit.
 
+A second setting, ``setting="mirrored"`` (:data:`DEMO_SETTINGS`), renders the same ID splits as plain digits, most
+of them mirror-written: a task the pretraining never covered (its rotations cannot make a mirror image), where full
+fine-tuning gains far more in distribution and gives away far more out of distribution, so robust methods can be
+told apart. Every other split is the same in both settings.
+
 Pools are fixed per seed and disjoint: the ``pretrain`` pool is the same for every seed (so no seed ever evaluates
 on an image the shipped checkpoint was trained on); ``seed`` reshuffles the remaining images among ``train``,
 ``id_val``, ``id_test`` and the OOD pool, and seeds every random rendering choice. Rendering draws its random
