@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from lightning_robustft.data import demo
+from lightning_robustft.data import DemoDataModule, demo
 from lightning_robustft.data.demo import DEMO_OOD_SETS, DEMO_OOD_TEST_SETS, DEMO_SETS, DemoDigits
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.models.tiny_clip import register_tiny_clip, tiny_clip_checkpoint
@@ -260,3 +260,14 @@ def test_mirrored_config_is_the_demo_config_on_the_mirrored_setting():
     assert second["data"]["init_args"].pop("setting") == "mirrored"
     assert second["trainer"].pop("default_root_dir") != first["trainer"].pop("default_root_dir")
     assert second == first
+
+
+def test_demo_data_module_builds_the_setting_it_is_given():
+    data = DemoDataModule(setting="mirrored", ood_sets=["rotated"])
+    assert data.setting == "mirrored"
+    for source in (data.train_source, data.val_sources["id"], data.test_sources["id"]):
+        assert source.setting == "mirrored"
+    assert data.val_sources["rotated"]._images is DemoDigits("rotated")._images  # the shifts are shared
+    assert data.test_sources["rotated"].split == "rotated_test"
+    with pytest.raises(RobustFTConfigError, match="setting"):
+        DemoDataModule(setting="sketchy")
