@@ -23,6 +23,9 @@ class DemoDataModule(MultiDomainDataModule):
         num_workers: dataloader workers (0 is fastest for these small in-memory sets).
         augment: augmentation policy in front of the backbone's preprocessing.
         predict: the demo split that ``predict`` runs on (any name of ``DEMO_SETS``).
+        setting: the demo setting (``DEMO_SETTINGS``): ``"outline"`` (hollow outlines as ID, the default) or
+            ``"mirrored"`` (mostly mirror-written digits as ID: a task new to the tiny CLIP, with room for robust
+            methods to differ). Only the ID splits change; the OOD sets are the same in both.
     """
 
     def __init__(
@@ -34,25 +37,30 @@ class DemoDataModule(MultiDomainDataModule):
         num_workers: int = 0,
         augment: Augment = "none",
         predict: str = "id_test",
+        setting: str = "outline",
     ) -> None:
         from lightning_robustft.data.demo import DEMO_OOD_SETS, DEMO_OOD_TEST_SETS, DemoDigits
+
+        def split(name: str) -> DemoDigits:
+            return DemoDigits(name, seed=seed, setting=setting)
 
         chosen = list(DEMO_OOD_SETS if ood_sets is None else ood_sets)
         unknown = [name for name in chosen if name not in DEMO_OOD_SETS]
         if unknown or not chosen:
             raise RobustFTConfigError(f"`ood_sets`={ood_sets!r}: choose among {list(DEMO_OOD_SETS)}.")
         super().__init__(
-            train=DemoDigits("train", seed=seed),
-            val={"id": DemoDigits("id_val", seed=seed), **{name: DemoDigits(name, seed=seed) for name in chosen}},
+            train=split("train"),
+            val={"id": split("id_val"), **{name: split(name) for name in chosen}},
             id_set="id",
             test={
-                "id": DemoDigits("id_test", seed=seed),
-                **{shift: DemoDigits(DEMO_OOD_TEST_SETS[DEMO_OOD_SETS.index(shift)], seed=seed) for shift in chosen},
+                "id": split("id_test"),
+                **{shift: split(DEMO_OOD_TEST_SETS[DEMO_OOD_SETS.index(shift)]) for shift in chosen},
             },
-            predict={predict: DemoDigits(predict, seed=seed)},
+            predict={predict: split(predict)},
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             augment=augment,
         )
         self.seed = seed
+        self.setting = setting
