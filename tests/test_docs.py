@@ -1,28 +1,40 @@
 """Every code block of README.md and docs/*.md runs: Python blocks execute, YAML blocks parse with the CLI's parser,
 bash blocks run in a shell.
 
-Sybil finds the blocks and the skip markers. A block that cannot run here (it needs a GPU, a download, a user's own
-data or model, or trains for minutes) is preceded in the Markdown by ``<!-- skip: next "why" -->``; the reason shows
-in pytest's skip report. The blocks of one file run in order in one namespace, which starts with the package's
-public names (``from lightning_robustft import *``), ``torch`` and ``Path``, in a scratch directory that links to the
-repository's ``configs/`` and ``scripts/``. A YAML block is a config or a fragment of one: it is layered on top of
-``configs/demo.yaml`` (so a fragment that sets only callbacks is checked too) and parsed by ``robustft fit
+Sybil finds the blocks and the skip markers. A block that cannot run here is preceded in the Markdown by
+``<!-- skip: next "why" -->``; the reason shows in pytest's skip report. Skipped are only blocks that need a GPU, a
+download or data the project does not have (ImageNet, DomainNet), that install the package, and bash blocks that
+train: each ``robustft`` line there is a process of its own that takes one to two minutes on two busy cores (the same
+code paths run in-process through the pages' Python blocks and ``tests/test_cli.py``).
+
+The blocks of one file run in order in one namespace, which starts with the package's public names
+(``from lightning_robustft import *``), ``torch`` and ``Path``, in a scratch directory that links to the repository's
+``configs/`` and ``scripts/``. Python blocks run as written, with one change that keeps the test fast: every
+``lightning.pytorch.Trainer`` a block makes (``Trainer``, ``L.Trainer``) gets
+``limit_{train,val,test,predict}_batches=2`` unless the block sets them, at most ``MAX_EPOCHS`` epochs, and no
+progress bar (``SHORT_TRAINER``). Every hook of every callback still runs, over fewer batches; logs and checkpoints
+go to the scratch directory (the working directory, Lightning's default root).
+Bash blocks run unchanged, each in a fresh shell. A YAML block is a config or a fragment of one: it is layered on top
+of ``configs/demo.yaml`` (so a fragment that sets only callbacks is checked too) and parsed by ``robustft fit
 --print_config``. Each block is one test, named ``<file>:<line>``, so a failure says where the block is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 from unittest import SkipTest
 
 import pytest
 import yaml
+from lightning.pytorch import Trainer
 from sybil import Example, Sybil
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
@@ -41,6 +53,16 @@ DOC_ENVIRONMENT = {
     "WILDS_ROOT": "/data/wilds",
 }
 SHELL_TIMEOUT_S = 120
+#: Trainer arguments that a Python block gets unless it sets them: a fit of a few batches instead of minutes.
+SHORT_TRAINER = {
+    "limit_train_batches": 2,
+    "limit_val_batches": 2,
+    "limit_test_batches": 2,
+    "limit_predict_batches": 2,
+    "enable_progress_bar": False,
+}
+#: The most epochs a block's Trainer runs (3: LP-FT's two probe epochs and one of fine-tuning).
+MAX_EPOCHS = 3
 
 
 def check_yaml(example: Example) -> None:
@@ -135,9 +157,24 @@ def outcome(path: Path, index: int) -> BaseException | None:
     return done[index]
 
 
+def shorten_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``Trainer`` made while the blocks run gets ``SHORT_TRAINER`` and at most ``MAX_EPOCHS`` epochs."""
+    build = Trainer.__init__
+
+    @functools.wraps(build)
+    def short_init(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        kwargs = {**SHORT_TRAINER, **kwargs}
+        if kwargs.get("max_epochs") is None or not 0 <= kwargs["max_epochs"] <= MAX_EPOCHS:
+            kwargs["max_epochs"] = MAX_EPOCHS
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", short_init)
+
+
 @pytest.mark.parametrize(("path", "index"), CASES)
 def test_doc_block(path: Path, index: int, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(scratch)
+    shorten_trainers(monkeypatch)
     monkeypatch.setattr("sys.argv", ["robustft"])  # LightningCLI warns about pytest's own arguments
     for name, value in DOC_ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
