@@ -10,9 +10,9 @@ code paths run in-process through the pages' Python blocks and ``tests/test_cli.
 The blocks of one file run in order in one namespace, which starts with the package's public names
 (``from lightning_robustft import *``), ``torch`` and ``Path``, in a scratch directory that links to the repository's
 ``configs/`` and ``scripts/``. Python blocks run as written, with one change that keeps the test fast: every
-``lightning.pytorch.Trainer`` a block makes (``Trainer``, ``L.Trainer``) gets
-``limit_{train,val,test,predict}_batches=2`` unless the block sets them, at most ``MAX_EPOCHS`` epochs, and no
-progress bar (``SHORT_TRAINER``). Every hook of every callback still runs, over fewer batches; logs and checkpoints
+``lightning.pytorch.Trainer`` a block makes (``Trainer``, ``L.Trainer``) gets two training batches per epoch, one
+batch per evaluation set, no sanity check and no progress bar (``SHORT_TRAINER``) unless the block sets them, and at
+most ``MAX_EPOCHS`` epochs. Every hook of every callback still runs, over fewer batches; logs and checkpoints
 go to the scratch directory (the working directory, Lightning's default root).
 Bash blocks run unchanged, each in a fresh shell. A YAML block is a config or a fragment of one: it is layered on top
 of ``configs/demo.yaml`` (so a fragment that sets only callbacks is checked too) and parsed by ``robustft fit
@@ -56,13 +56,14 @@ SHELL_TIMEOUT_S = 120
 #: Trainer arguments that a Python block gets unless it sets them: a fit of a few batches instead of minutes.
 SHORT_TRAINER = {
     "limit_train_batches": 2,
-    "limit_val_batches": 2,
-    "limit_test_batches": 2,
-    "limit_predict_batches": 2,
+    "limit_val_batches": 1,
+    "limit_test_batches": 1,
+    "limit_predict_batches": 1,
+    "num_sanity_val_steps": 0,
     "enable_progress_bar": False,
 }
-#: The most epochs a block's Trainer runs (3: LP-FT's two probe epochs and one of fine-tuning).
-MAX_EPOCHS = 3
+#: The most epochs a block's Trainer runs (2: LP-FT's probe epoch and one of fine-tuning).
+MAX_EPOCHS = 2
 
 
 def check_yaml(example: Example) -> None:
