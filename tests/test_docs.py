@@ -14,7 +14,8 @@ The blocks of one file run in order in one namespace, which starts with the pack
 batch per evaluation set, no sanity check and no progress bar (``SHORT_TRAINER``) unless the block sets them, and at
 most ``MAX_EPOCHS`` epochs. Every hook of every callback still runs, over fewer batches; logs and checkpoints
 go to the scratch directory (the working directory, Lightning's default root).
-Bash blocks run unchanged, each in a fresh shell. A YAML block is a config or a fragment of one: it is layered on top
+Bash blocks run each in a fresh shell, where ``robustft fit|validate|test|predict`` get the same short trainer
+flags, one epoch at most, unless the line sets them. A YAML block is a config or a fragment of one: it is layered on top
 of ``configs/demo.yaml`` (so a fragment that sets only callbacks is checked too) and parsed by ``robustft fit
 --print_config``. Each block is one test, named ``<file>:<line>``, so a failure says where the block is.
 """
@@ -53,6 +54,19 @@ DOC_ENVIRONMENT = {
     "WILDS_ROOT": "/data/wilds",
 }
 SHELL_TIMEOUT_S = 120
+#: Run before each bash block: ``robustft fit|validate|test|predict`` get the short trainer flags the line lacks.
+SHORT_ROBUSTFT = """
+robustft() {
+  local extra=() flag
+  case "$1" in fit|validate|test|predict)
+    for flag in limit_train_batches=2 limit_val_batches=1 limit_test_batches=1 limit_predict_batches=1 \\
+        num_sanity_val_steps=0 max_epochs=1 enable_progress_bar=false; do
+      [[ " $* " == *" --trainer.${flag%%=*}"* ]] || extra+=("--trainer.$flag")
+    done;;
+  esac
+  command robustft "$@" "${extra[@]}"
+}
+"""
 #: Trainer arguments that a Python block gets unless it sets them: a fit of a few batches instead of minutes.
 SHORT_TRAINER = {
     "limit_train_batches": 2,
@@ -89,7 +103,11 @@ def check_yaml(example: Example) -> None:
 
 
 def run_shell(example: Example) -> None:
-    """A bash block runs with ``-e``, in the scratch directory, with the package's ``robustft`` first on the PATH."""
+    """A bash block runs with ``-e``, in the scratch directory, with the package's ``robustft`` first on the PATH.
+
+    Its ``robustft`` training and evaluation lines get the short trainer flags that they do not set
+    (``SHORT_ROBUSTFT``, appended after the line's own configs, so a ``--trainer.max_epochs 3`` of the block wins).
+    """
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -98,7 +116,7 @@ def run_shell(example: Example) -> None:
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     done = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", example.parsed],
+        ["bash", "-e", "-o", "pipefail", "-c", SHORT_ROBUSTFT + example.parsed],
         capture_output=True,
         text=True,
         env=env,
