@@ -3,9 +3,9 @@ bash blocks run in a shell.
 
 Sybil finds the blocks and the skip markers. A block that cannot run here is preceded in the Markdown by
 ``<!-- skip: next "why" -->``; the reason shows in pytest's skip report. Skipped are only blocks that need a GPU, a
-download or data the project does not have (ImageNet, DomainNet), that install the package, and bash blocks that
-train: each ``robustft`` line there is a process of its own that takes one to two minutes on two busy cores (the same
-code paths run in-process through the pages' Python blocks and ``tests/test_cli.py``).
+download or data the project does not have (ImageNet, DomainNet), that install the package, and bash blocks of
+several ``robustft`` runs: each is a process of its own, 15 s or more even shortened, too slow for ``make test``
+(the same code paths run in-process through the pages' Python blocks and ``tests/test_cli.py``).
 
 The blocks of one file run in order in one namespace, which starts with the package's public names
 (``from lightning_robustft import *``), ``torch`` and ``Path``, in a scratch directory that links to the repository's
