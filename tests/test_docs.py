@@ -1,28 +1,41 @@
 """Every code block of README.md and docs/*.md runs: Python blocks execute, YAML blocks parse with the CLI's parser,
 bash blocks run in a shell.
 
-Sybil finds the blocks and the skip markers. A block that cannot run here (it needs a GPU, a download, a user's own
-data or model, or trains for minutes) is preceded in the Markdown by ``<!-- skip: next "why" -->``; the reason shows
-in pytest's skip report. The blocks of one file run in order in one namespace, which starts with the package's
-public names (``from lightning_robustft import *``), ``torch`` and ``Path``, in a scratch directory that links to the
-repository's ``configs/`` and ``scripts/``. A YAML block is a config or a fragment of one: it is layered on top of
-``configs/demo.yaml`` (so a fragment that sets only callbacks is checked too) and parsed by ``robustft fit
+Sybil finds the blocks and the skip markers. A block that cannot run here is preceded in the Markdown by
+``<!-- skip: next "why" -->``; the reason shows in pytest's skip report. Skipped are only blocks that need a GPU, a
+download or data the project does not have (ImageNet, DomainNet), that install the package, and bash blocks of
+several ``robustft`` runs: each is a process of its own, 15 s or more even shortened, too slow for ``make test``
+(the same code paths run in-process through the pages' Python blocks and ``tests/test_cli.py``).
+
+The blocks of one file run in order in one namespace, which starts with the package's public names
+(``from lightning_robustft import *``), ``torch`` and ``Path``, in a scratch directory that links to the repository's
+``configs/`` and ``scripts/``. Python blocks run as written, with one change that keeps the test fast: every
+``lightning.pytorch.Trainer`` a block makes (``Trainer``, ``L.Trainer``) gets two training batches per epoch, one
+batch per evaluation set, no sanity check and no progress bar (``SHORT_TRAINER``) unless the block sets them, and at
+most ``MAX_EPOCHS`` epochs. Every hook of every callback still runs, over fewer batches; logs and checkpoints
+go to the scratch directory (the working directory, Lightning's default root).
+Bash blocks run each in a fresh shell, where ``robustft fit|validate|test|predict`` get the same short trainer
+flags, one epoch at most, unless the line sets them. A YAML block is a config or a fragment of one: it is layered on top
+of ``configs/demo.yaml`` (so a fragment that sets only callbacks is checked too) and parsed by ``robustft fit
 --print_config``. Each block is one test, named ``<file>:<line>``, so a failure says where the block is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 from unittest import SkipTest
 
 import pytest
 import yaml
+from lightning.pytorch import Trainer
 from sybil import Example, Sybil
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
@@ -41,6 +54,30 @@ DOC_ENVIRONMENT = {
     "WILDS_ROOT": "/data/wilds",
 }
 SHELL_TIMEOUT_S = 120
+#: Run before each bash block: ``robustft fit|validate|test|predict`` get the short trainer flags the line lacks.
+SHORT_ROBUSTFT = """
+robustft() {
+  local extra=() flag
+  case "$1" in fit|validate|test|predict)
+    for flag in limit_train_batches=2 limit_val_batches=1 limit_test_batches=1 limit_predict_batches=1 \\
+        num_sanity_val_steps=0 max_epochs=1 enable_progress_bar=false; do
+      [[ " $* " == *" --trainer.${flag%%=*}"* ]] || extra+=("--trainer.$flag")
+    done;;
+  esac
+  command robustft "$@" "${extra[@]}"
+}
+"""
+#: Trainer arguments that a Python block gets unless it sets them: a fit of a few batches instead of minutes.
+SHORT_TRAINER = {
+    "limit_train_batches": 2,
+    "limit_val_batches": 1,
+    "limit_test_batches": 1,
+    "limit_predict_batches": 1,
+    "num_sanity_val_steps": 0,
+    "enable_progress_bar": False,
+}
+#: The most epochs a block's Trainer runs (2: LP-FT's probe epoch and one of fine-tuning).
+MAX_EPOCHS = 2
 
 
 def check_yaml(example: Example) -> None:
@@ -66,7 +103,11 @@ def check_yaml(example: Example) -> None:
 
 
 def run_shell(example: Example) -> None:
-    """A bash block runs with ``-e``, in the scratch directory, with the package's ``robustft`` first on the PATH."""
+    """A bash block runs with ``-e``, in the scratch directory, with the package's ``robustft`` first on the PATH.
+
+    Its ``robustft`` training and evaluation lines get the short trainer flags that they do not set
+    (``SHORT_ROBUSTFT``, appended after the line's own configs, so a ``--trainer.max_epochs 3`` of the block wins).
+    """
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -75,7 +116,7 @@ def run_shell(example: Example) -> None:
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     done = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", example.parsed],
+        ["bash", "-e", "-o", "pipefail", "-c", SHORT_ROBUSTFT + example.parsed],
         capture_output=True,
         text=True,
         env=env,
@@ -135,9 +176,24 @@ def outcome(path: Path, index: int) -> BaseException | None:
     return done[index]
 
 
+def shorten_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``Trainer`` made while the blocks run gets ``SHORT_TRAINER`` and at most ``MAX_EPOCHS`` epochs."""
+    build = Trainer.__init__
+
+    @functools.wraps(build)
+    def short_init(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        kwargs = {**SHORT_TRAINER, **kwargs}
+        if kwargs.get("max_epochs") is None or not 0 <= kwargs["max_epochs"] <= MAX_EPOCHS:
+            kwargs["max_epochs"] = MAX_EPOCHS
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", short_init)
+
+
 @pytest.mark.parametrize(("path", "index"), CASES)
 def test_doc_block(path: Path, index: int, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(scratch)
+    shorten_trainers(monkeypatch)
     monkeypatch.setattr("sys.argv", ["robustft"])  # LightningCLI warns about pytest's own arguments
     for name, value in DOC_ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
