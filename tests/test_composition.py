@@ -128,11 +128,6 @@ def _wiseft(tmp_path: Path) -> WiSEFTCallback:
         pytest.param(
             (WiSEFTCallback, GMixoutCallback),
             id="WiSEFTCallback-first",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="gmixout.py gives w back only in on_train_end, after an earlier WiSE-FT read w~; the fix "
-                "(merge notes): GMixoutCallback.on_train_epoch_end calls self._restore()",
-            ),
         ),
         pytest.param((GMixoutCallback, WiSEFTCallback), id="GMixoutCallback-first"),
     ],

@@ -125,9 +125,9 @@ NUMBERS = [
     (LoRACallback, "alpha", None, 0.0),
     (LoRACallback, "dropout", True, 1.0),
     (LPFTCallback, "probe_epochs", 1.5, 0),
-    pytest.param(GMixoutCallback, "p", True, 1.0, marks=PENDING_GMIXOUT),
-    pytest.param(GMixoutCallback, "resample_every", 2.0, 0, marks=PENDING_GMIXOUT),
-    pytest.param(GMixoutCallback, "anchor_decay", "1", 1.5, marks=PENDING_GMIXOUT),
+    (GMixoutCallback, "p", True, 1.0),
+    (GMixoutCallback, "resample_every", 2.0, 0),
+    (GMixoutCallback, "anchor_decay", "1", 1.5),
     (WiSEFTCallback, "alpha", "0.5", 1.5),
 ]
 

@@ -11,23 +11,40 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_robustft.callbacks._checks import (
+from lightning_robustft.callbacks._shared import (
     check_selection,
-    is_real,
+    checkpoint_entry,
+    load_named_tensors,
     matching_names,
     refuse_unsupported,
     resolve_submodule,
     select_parameters,
+    warn_if_settings_changed,
 )
 from lightning_robustft.callbacks._sparse_gmixout import SparseMixout
-from lightning_robustft.errors import RobustFTConfigError
+from lightning_robustft.errors import RobustFTConfigError, check_config_number
 from lightning_robustft.ops.mixout import MixoutPasses, splitmix64
+
+__all__ = [
+    "ANCHORS_CHECKPOINT_KEY",
+    "MAX_SEED",
+    "MIN_ADAPTIVE_PERIOD",
+    "Backend",
+    "GMixoutCallback",
+    "check_supported",
+    "default_target_names",
+    "derive_seed",
+    "grad_scale",
+    "select_targets",
+    "step_was_skipped",
+]
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -41,15 +58,6 @@ MAX_SEED = 2**31 - 1
 MIN_ADAPTIVE_PERIOD = 10
 
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-_SHARDED_STRATEGIES: dict[type[Strategy], str] = {
-    FSDPStrategy: "it shards parameters and gradients across ranks, while GMixout swaps whole weight tensors in place "
-    "around the optimizer step and draws its masks over full tensors",
-    ModelParallelStrategy: "it holds parameters as sharded DTensors, while GMixout swaps whole weight tensors in place "
-    "around the optimizer step and draws its masks over full tensors",
-    DeepSpeedStrategy: "its engine owns the optimizer step, loss scaling and ZeRO partitions, so the full gradients "
-    "that GMixout rescales before the step are not in `param.grad`",
-}
 
 
 class GMixoutCallback(Callback):
@@ -145,26 +153,22 @@ class GMixoutCallback(Callback):
         backend: Backend = "auto",
         sparse: bool = False,
     ) -> None:
-        if not is_real(p) or not 0.0 <= p < 1.0:
-            raise RobustFTConfigError(f"`p`={p!r} must be a probability in [0, 1) (Mixout's usual value is 0.9).")
-        if isinstance(resample_every, bool) or not isinstance(resample_every, int) or resample_every < 1:
-            raise RobustFTConfigError(
-                f"`resample_every`={resample_every!r} must be an integer >= 1 (optimizer steps per mask; 1 is Mixout)."
-            )
-        if not is_real(anchor_decay) or not 0.0 <= anchor_decay <= 1.0:
-            raise RobustFTConfigError(
-                f"`anchor_decay`={anchor_decay!r} must be in [0, 1] (1 keeps the pretrained anchor, as Mixout does)."
-            )
+        self.p = check_config_number(
+            "p", p, "[0, 1)", hint="probability that an entry is held at the anchor; 0.9 is usual"
+        )
+        self.resample_every = check_config_number(
+            "resample_every", resample_every, "[1, inf)", integer=True, hint="optimizer steps per mask; 1 is Mixout"
+        )
+        self.anchor_decay = check_config_number(
+            "anchor_decay", anchor_decay, "[0, 1]", hint="1 keeps the pretrained anchor, as Mixout does"
+        )
         check_selection(targets, exclude, head, example="['backbone.*.weight']")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            raise RobustFTConfigError(f"`seed`={seed!r} must be None or an integer in [0, {MAX_SEED}].")
+        if seed is not None:
+            check_config_number("seed", seed, f"[0, {MAX_SEED}]", integer=True, hint="None derives it from the process")
         if backend not in ("auto", "triton", "torch"):
             raise RobustFTConfigError(f"`backend`={backend!r} must be one of 'auto', 'triton', 'torch'.")
         if not isinstance(sparse, bool):
             raise RobustFTConfigError(f"`sparse`={sparse!r} must be True or False.")
-        self.p = float(p)
-        self.resample_every = resample_every
-        self.anchor_decay = float(anchor_decay)
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.head = head
@@ -208,6 +212,7 @@ class GMixoutCallback(Callback):
         """With ``sparse=True``: the packed tensors, anchors and the period's free indices (built in ``setup``)."""
         return self._sparse
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse what cannot be served, resolve the targets and the seed (shared by all ranks), reset the counters."""
         if stage != TrainerFn.FITTING:
@@ -235,6 +240,7 @@ class GMixoutCallback(Callback):
             self._sparse = SparseMixout(pl_module, self._target_names, self.p, self._seed, self.backend)
             self._sparse.attach()
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the passes once the model is on its device and any checkpoint is restored (anchors from it)."""
         params = dict(pl_module.named_parameters())
@@ -247,7 +253,7 @@ class GMixoutCallback(Callback):
         # version counter, its optimizer state and DDP's hooks: backward sees w~, the optimizer steps w.
         self._passes = MixoutPasses(self._params, self.p, self._seed, self.backend)
         if self._loaded_anchors is not None:
-            load_anchors(self._passes, self._target_names, self._loaded_anchors)
+            load_named_tensors(self._passes.anchors, self._target_names, self._loaded_anchors, what="GMixout anchors")
             self._loaded_anchors = None
         mixed = sum(params[name].numel() for name in self._target_names)
         trainable = sum(param.numel() for param in params.values() if param.requires_grad)
@@ -257,6 +263,7 @@ class GMixoutCallback(Callback):
             f"backend={self._passes.backend}, seed={self._seed}, starting at step {self._step}."
         )
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Before the first forward of an optimizer step: move the anchor at a new period, then write ``w~``."""
         sparse = self._sparse
@@ -285,6 +292,7 @@ class GMixoutCallback(Callback):
         if self._sparse is not None:
             self._sparse.deactivate()
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         """Restore ``w`` and turn the (reduced, unscaled) gradient of ``w~`` into the gradient of ``w``.
 
@@ -311,24 +319,33 @@ class GMixoutCallback(Callback):
             self._sparse.deactivate()
         self._settle_skipped_step(trainer)
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Validate the learned weights: restore ``w`` mid-step; the next training batch mixes again."""
         self._restore()
         if self._sparse is not None:
             self._sparse.deactivate()
 
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Give ``w`` back before any callback's ``on_train_end`` (WiSE-FT reads it), whatever the callback order."""
+        self._restore()
+
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Leave ``w`` in the model if fit stopped between a mix-in and its optimizer step; sparse: the plain model."""
         self._restore()
         if self._sparse is not None:
             self._sparse.detach()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Leave ``w`` in the model when fit fails mid-step (Lightning calls no other hook then)."""
         self._restore()
         if self._sparse is not None:
             self._sparse.detach()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The seed and counters (the anchors go into the checkpoint via ``on_save_checkpoint``)."""
         return {
@@ -341,6 +358,7 @@ class GMixoutCallback(Callback):
             "sparse": self.sparse,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the checkpointed run: its seed and counters win over the constructor's seed."""
         if state_dict.get("sparse", False) != self.sparse:
@@ -350,15 +368,13 @@ class GMixoutCallback(Callback):
                 "full weights). Resume with the same `sparse`, or load only the weights (not `ckpt_path`)."
             )
         levers = ("p", "resample_every", "anchor_decay")
-        saved = {key: state_dict[key] for key in levers if key in state_dict}
-        current = {key: getattr(self, key) for key in levers}
-        if any(current[key] != value for key, value in saved.items()):
-            rank_zero_warn(f"GMixoutCallback: the checkpoint was trained with {saved}; resuming with {current}.")
+        warn_if_settings_changed("GMixoutCallback", state_dict, {key: getattr(self, key) for key in levers})
         if state_dict.get("seed") is not None:
             self._seed = int(state_dict["seed"])
         self._step = int(state_dict.get("step", self._step))
         self._anchor_period = int(state_dict.get("anchor_period", self._step // self.resample_every))
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Store the fp32 anchors; if saved mid-step, put ``w`` (not ``w~``) in the checkpoint's ``state_dict``."""
         if self._sparse is not None:
@@ -382,17 +398,15 @@ class GMixoutCallback(Callback):
                     state[name] = param.detach().clone()
             passes.mix_in(self._mixed_period)
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Keep the checkpoint's anchors for the passes that are built when training starts."""
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
-        if ANCHORS_CHECKPOINT_KEY not in checkpoint:
-            rank_zero_warn(
-                f"GMixoutCallback: the checkpoint has no {ANCHORS_CHECKPOINT_KEY!r} (it was not trained with "
-                "GMixoutCallback), so the anchors start at the checkpoint's weights, not at the pretrained ones."
-            )
-            return
-        self._loaded_anchors = checkpoint[ANCHORS_CHECKPOINT_KEY]
+        without = "the anchors start at the checkpoint's weights, not at the pretrained ones"
+        anchors = checkpoint_entry(
+            trainer, checkpoint, ANCHORS_CHECKPOINT_KEY, callback="GMixoutCallback", without=without
+        )
+        if anchors is not None:
+            self._loaded_anchors = anchors
 
     def _start_sparse(self, trainer: Trainer, params: Mapping[str, nn.Parameter]) -> None:
         assert self._sparse is not None
@@ -447,7 +461,8 @@ def check_supported(strategy: Strategy, pl_module: LightningModule) -> None:
         strategy,
         pl_module,
         callback="GMixoutCallback",
-        why=_SHARDED_STRATEGIES,
+        needs="GMixout swaps whole weight tensors in place around the optimizer step, draws its masks over full "
+        "tensors and rescales full gradients",
         manual_optimization="so the callback cannot place the weight swap around the step. Use automatic optimization.",
     )
 
@@ -517,21 +532,3 @@ def grad_scale(trainer: Trainer) -> float | None:
     if scaler is None or not scaler.is_enabled():
         return None
     return float(scaler.get_scale())
-
-
-def load_anchors(passes: MixoutPasses, names: Sequence[str], anchors: Mapping[str, torch.Tensor]) -> None:
-    """Copy checkpointed anchors into the passes, after checking they cover exactly the current targets."""
-    if set(anchors) != set(names):
-        missing, unexpected = sorted(set(names) - set(anchors)), sorted(set(anchors) - set(names))
-        raise RobustFTConfigError(
-            f"The checkpoint's GMixout anchors do not match the current targets: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}. Resume with the `targets` / `exclude` / `head` the checkpoint was trained with."
-        )
-    with torch.no_grad():
-        for name, anchor in zip(names, passes.anchors, strict=True):
-            if anchors[name].shape != anchor.shape:
-                raise RobustFTConfigError(
-                    f"The checkpoint's GMixout anchor {name!r} has shape {tuple(anchors[name].shape)}, the parameter "
-                    f"{tuple(anchor.shape)}. Resume with the model the checkpoint was trained with."
-                )
-            anchor.copy_(anchors[name])

@@ -8,14 +8,14 @@ rendered at 32 x 32 RGB in several styles, so the package can show robust fine-t
 - ``train`` / ``id_val`` / ``id_test``: the ID domain, *outlined* digits: hollow ink outlines of a bold stroke on
   textured paper. Pretraining never showed hollow strokes, so the zero-shot model is only fair on them and
   fine-tuning gains clearly in distribution, as CLIP gains on ImageNet.
-- the OOD validation sets (:data:`DEMO_OOD_SETS`): one held-out pool of source images as plain, rotated, noisy,
+- the OOD validation sets (`DEMO_OOD_SETS`): one held-out pool of source images as plain, rotated, noisy,
   blurred, inverted and textured digits; broad pretraining covers these styles, so the zero-shot model is good on
   them and fine-tuning on the ID style tends to lose some of that, as fine-tuned CLIP does on ImageNet's shifts.
-- the OOD test sets (:data:`DEMO_OOD_TEST_SETS`, ``<shift>_test``): the same shifts rendered from the ``id_test``
+- the OOD test sets (`DEMO_OOD_TEST_SETS`, ``<shift>_test``): the same shifts rendered from the ``id_test``
   pool, as ImageNet-C corrupts ImageNet's held-out images: disjoint from every image used to train or select a
   model, and paired with ``id_test`` digit for digit.
 
-A second setting, ``setting="mirrored"`` (:data:`DEMO_SETTINGS`), renders the same ID splits as plain digits, most
+A second setting, ``setting="mirrored"`` (`DEMO_SETTINGS`), renders the same ID splits as plain digits, most
 of them mirror-written: a task the pretraining never covered (its rotations cannot make a mirror image), where full
 fine-tuning gains far more in distribution and gives away far more out of distribution, so robust methods can be
 told apart. Every other split is the same in both settings.
@@ -43,6 +43,33 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lightning_robustft.errors import RobustFTConfigError
+
+__all__ = [
+    "DEMO_CLASSES",
+    "DEMO_ID_SETS",
+    "DEMO_OOD_SETS",
+    "DEMO_OOD_TEST_SETS",
+    "DEMO_PRETRAIN_SET",
+    "DEMO_SETS",
+    "DEMO_SETTINGS",
+    "DEMO_TEMPLATES",
+    "IMAGE_SIZE",
+    "DemoDigits",
+    "FloatImages",
+    "affine",
+    "composite",
+    "dilate",
+    "erode",
+    "gaussian_blur",
+    "grey_to_rgb",
+    "load_mnist_5k",
+    "outline",
+    "render_split",
+    "source_indices",
+    "to_canvas",
+    "to_uint8",
+    "wave_texture",
+]
 
 IMAGE_SIZE = 32
 """Side of every demo image in pixels (MNIST's 28 px digits centred on a 32 px canvas), the tiny CLIP's input."""
@@ -73,10 +100,10 @@ DEMO_PRETRAIN_SET = "pretrain"
 """The split the shipped tiny CLIP was pretrained on (plain digits; the augmentation lives in the script)."""
 
 DEMO_SETS: tuple[str, ...] = (*DEMO_ID_SETS, *DEMO_OOD_SETS, *DEMO_OOD_TEST_SETS, DEMO_PRETRAIN_SET)
-"""Every split name :class:`DemoDigits` accepts."""
+"""Every split name `DemoDigits` accepts."""
 
 DEMO_SETTINGS: tuple[str, ...] = ("outline", "mirrored")
-"""The demo's settings; they differ only in the style of the ID splits (:data:`DEMO_ID_SETS`), the OOD sets are shared:
+"""The demo's settings; they differ only in the style of the ID splits (`DEMO_ID_SETS`), the OOD sets are shared:
 
 - ``"outline"`` (the default): hollow outlines on paper. Zero-shot is fair on them; full fine-tuning gains about 14
   ID points but gives away only about 2 OOD points, so robust methods have little room to differ.
@@ -147,11 +174,11 @@ def source_indices(split: str, seed: int = 0) -> np.ndarray:
     Splits that share a pool (the OOD validation sets; ``id_test`` and the OOD test sets) get the same rows.
 
     Args:
-        split: a name from :data:`DEMO_SETS`.
+        split: a name from `DEMO_SETS`.
         seed: reshuffles the non-pretrain images among the ID and OOD pools.
 
     Returns:
-        ``int64`` row indices into :func:`load_mnist_5k`'s arrays.
+        ``int64`` row indices into `load_mnist_5k`'s arrays.
     """
     _check_split(split)
     _, labels = load_mnist_5k()
@@ -189,7 +216,7 @@ def _channels_first(images: FloatImages) -> torch.Tensor:
 
 
 def _channels_last(tensor: torch.Tensor, like: FloatImages) -> FloatImages:
-    """The inverse of :func:`_channels_first`, back to the layout of ``like``."""
+    """The inverse of `_channels_first`, back to the layout of ``like``."""
     out = tensor.squeeze(1) if like.ndim == 3 else tensor.permute(0, 2, 3, 1)
     return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
@@ -199,7 +226,7 @@ def affine(
 ) -> FloatImages:
     """Rotate (degrees, counter-clockwise), scale and translate each image about its centre; bilinear, zero fill.
 
-    One :func:`torchvision.transforms.v2.functional.affine` call per image, since each image has its own parameters.
+    One `torchvision.transforms.v2.functional.affine` call per image, since each image has its own parameters.
 
     Args:
         images: ``(N, H, W)`` or ``(N, H, W, C)``.
@@ -239,7 +266,7 @@ def dilate(masks: FloatImages, radius: int = 1) -> FloatImages:
 
 
 def erode(masks: FloatImages, radius: int = 1) -> FloatImages:
-    """Grey-level erosion of ``(N, H, W)`` masks (the dual of :func:`dilate`): a thinner stroke.
+    """Grey-level erosion of ``(N, H, W)`` masks (the dual of `dilate`): a thinner stroke.
 
     Outside the canvas counts as ink, so a stroke touching the border is not eaten from that side.
     """
@@ -261,7 +288,7 @@ def outline(masks: FloatImages, bold: int = 1, width: float = 1.5) -> FloatImage
 def gaussian_blur(images: FloatImages, sigma: np.ndarray) -> FloatImages:
     """Gaussian blur (9 x 9 taps, reflected borders) with one ``sigma`` per image (``(N,)``, pixels).
 
-    One :func:`torchvision.transforms.v2.functional.gaussian_blur` call per image; a ``sigma`` of 0 (which
+    One `torchvision.transforms.v2.functional.gaussian_blur` call per image; a ``sigma`` of 0 (which
     torchvision refuses) is taken as 0.001 px, a kernel that leaves the image unchanged.
     """
     blurred = [
@@ -387,9 +414,9 @@ def render_split(split: str, seed: int = 0, setting: str = "outline") -> tuple[n
     """Render a split once per process: the same ``(split, seed, setting)`` always gives identical pixels.
 
     Args:
-        split: a name from :data:`DEMO_SETS`.
-        seed: selects the source images (see :func:`source_indices`) and every random rendering choice.
-        setting: a name from :data:`DEMO_SETTINGS`; it picks the style of the ID splits and is ignored by the
+        split: a name from `DEMO_SETS`.
+        seed: selects the source images (see `source_indices`) and every random rendering choice.
+        setting: a name from `DEMO_SETTINGS`; it picks the style of the ID splits and is ignored by the
             others (the OOD and ``pretrain`` sets are the same in every setting).
 
     Returns:
@@ -416,10 +443,10 @@ class DemoDigits(Dataset):
           rotated: {class_path: lightning_robustft.data.demo.DemoDigits, init_args: {split: rotated}}
 
     Args:
-        split: one of :meth:`sets` (``train``, ``id_val``, ``id_test``, the OOD validation and test sets,
+        split: one of `sets` (``train``, ``id_val``, ``id_test``, the OOD validation and test sets,
             ``pretrain``).
         seed: selects the source images and the random rendering choices; the same seed gives identical pixels.
-        setting: the demo setting (:data:`DEMO_SETTINGS`): ``"outline"`` (the default) or ``"mirrored"`` (the
+        setting: the demo setting (`DEMO_SETTINGS`): ``"outline"`` (the default) or ``"mirrored"`` (the
             setting with room). It changes the ID splits only; every OOD set is the same in both.
 
     Attributes:
@@ -450,7 +477,7 @@ class DemoDigits(Dataset):
 
     @staticmethod
     def ood_test_sets() -> tuple[str, ...]:
-        """The OOD test split names (``<shift>_test``), in the order of :meth:`ood_sets`."""
+        """The OOD test split names (``<shift>_test``), in the order of `ood_sets`."""
         return DEMO_OOD_TEST_SETS
 
     def __len__(self) -> int:

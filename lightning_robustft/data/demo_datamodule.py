@@ -1,9 +1,11 @@
-"""``DemoDataModule``: the offline demo shift as a :class:`MultiDomainDataModule` (no download, no paths)."""
+"""``DemoDataModule``: the offline demo shift as a `MultiDomainDataModule` (no download, no paths)."""
 
 from __future__ import annotations
 
 from lightning_robustft.data.multi_domain import Augment, MultiDomainDataModule
 from lightning_robustft.errors import RobustFTConfigError
+
+__all__ = ["DemoDataModule"]
 
 
 class DemoDataModule(MultiDomainDataModule):
