@@ -36,6 +36,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_robustft.callbacks._shared import load_named_tensors
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.ops.mixout import Backend as RequestedBackend
 from lightning_robustft.ops.mixout import mix_scale, resolve_backend
@@ -275,23 +276,9 @@ class SparseMixout:
 
     def load_anchors(self, anchors: Mapping[str, torch.Tensor]) -> None:
         """Copy checkpointed anchors in, after checking they cover exactly the targets with the right shapes."""
-        names = [t.name for t in self.targets]
-        if set(anchors) != set(names):
-            missing, unexpected = sorted(set(names) - set(anchors)), sorted(set(anchors) - set(names))
-            raise RobustFTConfigError(
-                f"The checkpoint's GMixout anchors do not match the current targets: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}. Resume with the `targets` / `exclude` / `head` the checkpoint was "
-                "trained with."
-            )
-        for target in self.targets:
-            saved = anchors[target.name]
-            assert target.anchor is not None
-            if saved.shape != target.anchor.shape:
-                raise RobustFTConfigError(
-                    f"The checkpoint's GMixout anchor {target.name!r} has shape {tuple(saved.shape)}, the parameter "
-                    f"{tuple(target.anchor.shape)}. Resume with the model the checkpoint was trained with."
-                )
-            target.anchor.copy_(saved)
+        mine = [target.anchor for target in self.targets]
+        assert all(anchor is not None for anchor in mine)
+        load_named_tensors(mine, [t.name for t in self.targets], anchors, what="GMixout anchors")  # type: ignore[arg-type]
 
     def build(self, target: SparseTarget) -> torch.Tensor:
         """A fresh ``w~`` of ``target`` (no autograd), laid out like the weight."""
