@@ -1,5 +1,6 @@
 """Every code block of README.md and docs/*.md runs: Python blocks execute, YAML blocks parse with the CLI's parser,
-bash blocks run in a shell.
+bash blocks run in a shell; a YAML block starting with ``# configs/compare_presets.yaml`` is a
+``robustft compare --presets`` file, loaded and every preset built as before a grid.
 
 Sybil finds the blocks and the skip markers. A block that cannot run here is preceded in the Markdown by
 ``<!-- skip: next "why" -->``; the reason shows in pytest's skip report. Skipped are only blocks that need a GPU, a
@@ -40,6 +41,8 @@ from sybil import Example, Sybil
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
 from lightning_robustft.cli import cli_main
+from lightning_robustft.compare.presets import check_preset, load_presets
+from lightning_robustft.models.classifier import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -80,9 +83,25 @@ SHORT_TRAINER = {
 MAX_EPOCHS = 2
 
 
+#: The first line of a YAML block that is a `robustft compare --presets` file rather than a config.
+PRESETS_MARK = "# configs/compare_presets.yaml"
+
+
+def check_presets(example: Example) -> None:
+    """A presets block loads as `robustft compare --presets` loads it, and every preset builds (as before a grid)."""
+    path = Path.cwd() / f"presets_{example.line}.yaml"
+    path.write_text(example.parsed)
+    presets = load_presets(path)
+    for name in yaml.safe_load(example.parsed):
+        check_preset(presets[name], ImageClassifier)
+
+
 def check_yaml(example: Example) -> None:
     """A YAML block parses as YAML and, on top of the demo config, through the CLI's parser."""
     config = yaml.safe_load(example.parsed)
+    if example.parsed.startswith(PRESETS_MARK):
+        check_presets(example)
+        return
     if not isinstance(config, dict) or not set(config) <= CONFIG_KEYS:
         keys = sorted(config) if isinstance(config, dict) else type(config).__name__
         raise AssertionError(

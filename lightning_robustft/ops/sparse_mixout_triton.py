@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from lightning_robustft.ops.mixout._triton import _round_to  # one rounding rule for both kernel files
+
 __all__ = ["block_size", "kernels_interpreted", "triton_gather", "triton_mix", "triton_packed_grad", "triton_scatter"]
 
 _NUM_WARPS = 4
@@ -47,18 +49,6 @@ def _lerp(start, end, weight):
     """``torch.lerp``'s formula: exactly ``start`` at weight 0 and exactly ``end`` at weight 1."""
     diff = end - start
     return tl.where(weight < 0.5, start + weight * diff, end - diff * (1.0 - weight))
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
-    """fp32 ``x`` rounded to ``DTYPE`` to nearest-even; bf16 by integer ops, the same bits compiled and interpreted."""
-    if DTYPE == tl.bfloat16:  # noqa: SIM300 - DTYPE is a constexpr argument, not a constant
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN instead of rounding to inf
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit
