@@ -132,17 +132,20 @@ def _wiseft(tmp_path: Path) -> WiSEFTCallback:
         pytest.param((GMixoutCallback, WiSEFTCallback), id="GMixoutCallback-first"),
     ],
 )
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.filterwarnings("ignore:WiSEFTCallback. no validation sets")
+@pytest.mark.filterwarnings("ignore:GMixoutCallback.sparse=True. resets the optimizer state")
 def test_wiseft_interpolates_w_never_the_mixed_weights_whatever_its_place(
-    order: tuple[type, type], tmp_path: Path
+    order: tuple[type, type], sparse: bool, tmp_path: Path
 ) -> None:
     # Fit stops inside an optimizer step (accumulation of 2), while GMixout's parameters hold w~.
     stop = {"accumulate_grad_batches": 2}
-    learned = state_copy(_fit([GMixoutCallback(p=0.9, seed=0), StopInsideAStep()], tmp_path, **stop))
+    gmixout = lambda: GMixoutCallback(p=0.9, seed=0, sparse=sparse)  # noqa: E731
+    learned = state_copy(_fit([gmixout(), StopInsideAStep()], tmp_path, **stop))
     start = state_copy(_fit([], tmp_path, epochs=0))
     assert not torch.equal(learned["backbone.0.weight"], start["backbone.0.weight"]), "one optimizer step was taken"
 
-    made = {GMixoutCallback: lambda: GMixoutCallback(p=0.9, seed=0), WiSEFTCallback: lambda: _wiseft(tmp_path)}
+    made = {GMixoutCallback: gmixout, WiSEFTCallback: lambda: _wiseft(tmp_path)}
     model = _fit([*(made[cls]() for cls in order), StopInsideAStep()], tmp_path, **stop)
     assert_states_equal(state_copy(model), interpolate_state_dicts(start, learned, 0.5))
 
