@@ -17,6 +17,7 @@ from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.evaluation import (
     THETA_0_KEY,
     accuracy_row,
+    cache_batches,
     check_set_names,
     dataloader_names,
     evaluate_accuracy,
@@ -98,6 +99,42 @@ def test_evaluation_uses_the_module_metrics_and_restores_modes() -> None:
 def test_batches_without_labels_are_refused_with_the_set_name() -> None:
     with pytest.raises(RobustFTConfigError, match=r"'unlabelled' yields batches of type Tensor.*\(x, y\)"):
         evaluate_accuracy(TinyNet(), {"unlabelled": [torch.zeros(2, 6)]})
+
+
+class CountingLoader:
+    """A loader that counts how often it is read from the start."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader, self.reads = loader, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.loader)
+
+
+def test_cached_sets_are_read_once_and_score_as_the_loader_does() -> None:
+    model = TinyNet()
+    loaders = {"id": CountingLoader(make_loader(40, seed=1)), "ood": CountingLoader(make_loader(33, seed=2))}
+    expected = evaluate_accuracy(model, {name: loader.loader for name, loader in loaders.items()})
+    cached = cache_batches(loaders)
+    for _ in range(3):
+        assert evaluate_accuracy(model, cached) == expected
+    assert [loader.reads for loader in loaders.values()] == [1, 1]
+    assert [len(batches) for batches in cached.values()] == [3, 3]  # 40 and 33 items in batches of 16
+
+
+def test_cached_sets_keep_only_the_batches_that_will_be_evaluated() -> None:
+    cached = cache_batches({"id": make_loader(40), "ood": make_loader(40)}, max_batches={"id": 1})
+    assert [len(batches) for batches in cached.values()] == [1, 3]
+
+
+def test_sets_beyond_the_byte_budget_stay_loaders() -> None:
+    loaders = {"small": make_loader(16), "large": make_loader(64), "next": make_loader(16)}
+    one_batch = 16 * 6 * 4 + 16 * 8  # float32 inputs of 6 features, int64 labels
+    cached = cache_batches(loaders, budget_bytes=3 * one_batch)
+    assert isinstance(cached["small"], list)
+    assert cached["large"] is loaders["large"]  # four batches do not fit in the two left
+    assert isinstance(cached["next"], list)  # the budget the large set did not use is still there
 
 
 # ------------------------------------------------------------------------------------------------------ naming

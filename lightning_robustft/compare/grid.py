@@ -39,7 +39,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_robustft.compare.presets import SOUP, Method, Preset, check_preset, import_class
 from lightning_robustft.errors import RobustFTConfigError
-from lightning_robustft.evaluation import evaluate_accuracy, named_dataloaders, resolve_id_set
+from lightning_robustft.evaluation import cache_batches, evaluate_accuracy, named_dataloaders, resolve_id_set
 from lightning_robustft.ops.interpolate import float_state_snapshot
 from lightning_robustft.weight_space import DEFAULT_ALPHAS, apply_alpha, greedy_soup
 
@@ -532,20 +532,20 @@ def _curve(
     limit = dict.fromkeys(sets.val, eval_batches)
     context = trainer.precision_plugin.forward_context
     model.to(device)
+    val = cache_batches(sets.val, limit)
+    id_test = None if sets.id_test is None else cache_batches({sets.id_set: sets.id_test}, limit)
     rows = []
     for alpha in alphas:
         apply_alpha(model, start, end, alpha)
-        accuracy = evaluate_accuracy(model, sets.val, device=device, max_batches=limit, forward_context=context)
+        accuracy = evaluate_accuracy(model, val, device=device, max_batches=limit, forward_context=context)
         ood = [value for name, value in accuracy.items() if name != sets.id_set]
         row: dict[str, Any] = {
             "alpha": alpha,
             "id_val": round(accuracy[sets.id_set], _DIGITS),
             "ood_avg": round(sum(ood) / len(ood), _DIGITS),
         }
-        if sets.id_test is not None:
-            test = evaluate_accuracy(
-                model, {sets.id_set: sets.id_test}, device=device, max_batches=limit, forward_context=context
-            )
+        if id_test is not None:
+            test = evaluate_accuracy(model, id_test, device=device, max_batches=limit, forward_context=context)
             row["id_test"] = round(test[sets.id_set], _DIGITS)
         row["sets"] = {name: round(value, _DIGITS) for name, value in accuracy.items()}
         rows.append(row)

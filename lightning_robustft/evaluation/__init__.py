@@ -12,6 +12,8 @@ from lightning_robustft.evaluation.checkpoint import (
     save_weights_checkpoint,
 )
 from lightning_robustft.evaluation.loop import (
+    CACHE_BYTES,
+    cache_batches,
     dataloader_names,
     evaluate_accuracy,
     named_dataloaders,
@@ -28,9 +30,11 @@ from lightning_robustft.evaluation.results import (
 )
 
 __all__ = [
+    "CACHE_BYTES",
     "DIGITS",
     "THETA_0_KEY",
     "accuracy_row",
+    "cache_batches",
     "check_set_names",
     "dataloader_names",
     "evaluate_accuracy",

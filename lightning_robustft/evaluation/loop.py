@@ -9,6 +9,7 @@ WiSE-FT's sweep and the soups score many weight vectors on the same sets; they a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -23,7 +24,9 @@ from torchmetrics import MeanMetric
 from lightning_robustft.errors import RobustFTConfigError
 
 __all__ = [
+    "CACHE_BYTES",
     "ForwardContext",
+    "cache_batches",
     "dataloader_names",
     "evaluate_accuracy",
     "named_dataloaders",
@@ -32,6 +35,56 @@ __all__ = [
 ]
 
 ForwardContext = Callable[[], contextlib.AbstractContextManager[Any]]
+
+CACHE_BYTES = 1 << 30
+"""What `cache_batches` may hold in host memory by default: 1 GiB of batches, all sets together."""
+
+
+def cache_batches(
+    dataloaders: Mapping[str, Iterable[Any]],
+    max_batches: Mapping[str, int | None] | None = None,
+    budget_bytes: int = CACHE_BYTES,
+) -> dict[str, Iterable[Any]]:
+    """The sets' batches read once and kept in memory, for scoring many weight vectors on the same data.
+
+    A WiSE-FT curve or a soup scores 5 to 20 weight vectors on the same sets; reading a small set once instead of
+    once per vector saves the decoding and transforms (on the offline demo, a third of each curve's time). Sets
+    are kept in the given order while their batches fit in ``budget_bytes`` together; a set that does not fit is
+    returned as its dataloader (read anew each time), so large sets cost at most one wasted partial read.
+    Accuracy does not depend on batch order, so a shuffling loader may be kept as read.
+
+    Args:
+        dataloaders: ``{set name: iterable of batches}``.
+        max_batches: at most this many batches per set are read and kept (``None``: all), as the evaluation would.
+        budget_bytes: the most tensor bytes to keep, over all sets.
+
+    Returns:
+        ``{set name: list of batches | the original dataloader}``.
+    """
+    cached: dict[str, Iterable[Any]] = {}
+    remaining = budget_bytes
+    for name, loader in dataloaders.items():
+        batches: list[Any] = []
+        size, fits = 0, True
+        for batch in itertools.islice(loader, (max_batches or {}).get(name)):
+            size += _tensor_bytes(batch)
+            fits = size <= remaining
+            if not fits:
+                break
+            batches.append(batch)
+        cached[name] = batches if fits else loader
+        remaining -= size if fits else 0
+    return cached
+
+
+def _tensor_bytes(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.nelement() * batch.element_size()
+    if isinstance(batch, Mapping):
+        return sum(_tensor_bytes(value) for value in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in batch)
+    return 0
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_robustft.errors import RobustFTConfigError
 from lightning_robustft.evaluation.checkpoint import load_checkpoint, load_into, save_weights_checkpoint
-from lightning_robustft.evaluation.loop import evaluate_accuracy, named_dataloaders, resolve_id_set
+from lightning_robustft.evaluation.loop import cache_batches, evaluate_accuracy, named_dataloaders, resolve_id_set
 from lightning_robustft.evaluation.results import accuracy_row, check_set_names, format_row, round_row, write_results
 from lightning_robustft.metrics import OOD_AVERAGE
 from lightning_robustft.ops.interpolate import average_state_dicts, check_compatible
@@ -273,7 +273,7 @@ def greedy_soup(
     sources = _sources(checkpoints)
     loaders = named_dataloaders(dataloaders, getattr(module, "val_set_names", None))
     resolved_id = resolve_id_set(list(loaders), id_set or getattr(module, "id_set", None))
-    id_loader = {resolved_id: loaders[resolved_id]}
+    id_loader = cache_batches({resolved_id: loaders[resolved_id]}, max_batches)  # read once, scored per trial
     if device is not None:
         module.to(device)
     reference = None
@@ -399,6 +399,7 @@ def run_soup(
     loaders = named_dataloaders(dataloaders, getattr(module, "val_set_names", None))
     resolved_id = resolve_id_set(list(loaders), id_set or getattr(module, "id_set", None))
     check_set_names(list(loaders), _RESERVED_COLUMNS)
+    loaders = cache_batches(loaders, max_batches)  # every ingredient and trial soup reads the same batches
     if device is not None:
         module.to(device)
 

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from lightning_robustft.errors import RobustFTConfigError, check_config_number
 from lightning_robustft.evaluation.checkpoint import load_into, load_wiseft_endpoints, save_weights_checkpoint
-from lightning_robustft.evaluation.loop import ForwardContext, evaluate_accuracy, named_dataloaders, resolve_id_set
+from lightning_robustft.evaluation.loop import (
+    ForwardContext,
+    cache_batches,
+    evaluate_accuracy,
+    named_dataloaders,
+    resolve_id_set,
+)
 from lightning_robustft.evaluation.results import accuracy_row, check_set_names, format_row, round_row, write_results
 from lightning_robustft.metrics import OOD_AVERAGE
 from lightning_robustft.ops.interpolate import interpolate_state_dicts
@@ -101,11 +107,12 @@ def wiseft_sweep(
     names = list(dataloaders)
     id_set = resolve_id_set(names, id_set)
     check_set_names(names, (ALPHA_KEY, OOD_AVERAGE))
+    cached = cache_batches(dataloaders, max_batches)  # every alpha reads the same batches
     rows = []
     for alpha in alphas:
         apply_alpha(module, theta_0, theta_1, alpha)
         accuracy = evaluate_accuracy(
-            module, dataloaders, device=device, max_batches=max_batches, forward_context=forward_context
+            module, cached, device=device, max_batches=max_batches, forward_context=forward_context
         )
         rows.append({ALPHA_KEY: float(alpha), **accuracy_row(accuracy, id_set)})
         rank_zero_info("WiSE-FT " + format_row(rows[-1]))
