@@ -13,7 +13,7 @@ from _compare_fixtures import blobs_config
 
 from lightning_robustft.compare import compare, envelope_at, frontier_gain, logit_fit
 from lightning_robustft.compare import grid as grid_module
-from lightning_robustft.compare.cli import compare_main
+from lightning_robustft.compare.cli import compare_main, parser
 from lightning_robustft.compare.frontier import best_frontier_gain
 from lightning_robustft.compare.grid import Cell, shard_cells
 from lightning_robustft.compare.presets import BUILTIN_PRESETS, Method, check_preset, load_presets, resolve_methods
@@ -242,6 +242,9 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"baseline": ["lpft"]}, "must include `ft`"),
         ({"shard": (2, 2)}, r"--shard 2/2"),
         ({"eval_batches": 0}, r"eval_batches=0"),
+        ({"method_lrs": {"gmixout": [1e-3]}}, r"--method-lrs names 'gmixout', which this grid does not train"),
+        ({"method_lrs": {"ft": [1e-3, 1e-3]}}, r"--method-lrs ft \[0.001, 0.001\] repeats a value"),
+        ({"method_lrs": {"ft": []}}, r"--method-lrs ft: give at least one rate"),
         ({"overrides": {"model.init_args.lr": None, "model": 3}}, "no `model.class_path`"),
     ],
 )
@@ -326,3 +329,37 @@ def test_best_frontier_gain_leaves_out_the_start_of_the_curve() -> None:
     seed = summary["per_seed"]["mixout"]["0"]
     assert seed["best_frontier_gain"] == pytest.approx(-6.0)  # alpha 1: 0.60 vs 0.66; alpha 0.5: 0.55 vs 0.63
     assert seed["best_alpha"] == 1.0
+
+
+def test_methods_with_their_own_rates_train_at_them_unscaled(tmp_path: Path) -> None:
+    from lightning_robustft.compare.grid import Grid, load_base_config
+
+    grid = Grid(
+        config=load_base_config(blobs_config(tmp_path)),
+        config_path=tmp_path,
+        methods=resolve_methods(["ft", "lora", "gmixout", "greedy_soup"], BUILTIN_PRESETS),
+        presets=BUILTIN_PRESETS,
+        seeds=[0],
+        lrs=[0.01],
+        out=tmp_path / "out",
+        baseline=["ft"],
+        method_lrs={"ft": [0.001, 0.01, 0.1], "lora": [0.05]},
+    )
+    assert [cell.key for cell in grid.cells()] == [
+        "ft-lr0.001-seed0",
+        "ft-lr0.01-seed0",
+        "ft-lr0.1-seed0",
+        "lora-lr0.05-seed0",
+        "gmixout-lr0.01-seed0",
+        "greedy_soup-seed0",  # a soup of the three ft cells
+    ]
+    rates = {cell.key: grid.cell_config(cell)["model"]["init_args"].get("lr") for cell in grid.cells()}
+    assert rates["lora-lr0.05-seed0"] == pytest.approx(0.05)  # its own rate, not x3 like a rate of --lrs
+    assert rates["gmixout-lr0.01-seed0"] == pytest.approx(0.01)
+    assert grid_module._hparams(grid, Cell("lora", 0, 0.05)) == {"lr": pytest.approx(0.05)}
+    assert [c.key for c in grid_module._soup_ingredients(grid, Cell("greedy_soup", 0))][::2] == [
+        "ft-lr0.001-seed0",
+        "ft-lr0.1-seed0",
+    ]
+    parsed = parser().parse_args(["--method-lrs", "ft=1e-4,3e-4", "lora=3e-3"])
+    assert dict(parsed.method_lrs) == {"ft": [1e-4, 3e-4], "lora": [3e-3]}

@@ -22,6 +22,7 @@ def compare(
     *,
     seeds: Sequence[int] = (0,),
     lrs: Sequence[float] | None = None,
+    method_lrs: Mapping[str, Sequence[float]] | None = None,
     out: str | Path = "robustft_compare",
     presets: str | Path | None = None,
     baseline: Sequence[str] = ("ft",),
@@ -47,6 +48,8 @@ def compare(
             ``ft+wiseft``) and ``greedy_soup``.
         seeds: the seeds (``seed_everything``, and the data module's ``seed`` argument when the config sets one).
         lrs: learning rates of the grid (each preset may scale them); ``None``: the config's own.
+        method_lrs: ``{preset: rates}`` for presets that train at their own rates instead (as given, unscaled):
+            e.g. ``{"ft": [1e-4, 3e-4, 1e-3]}`` for a denser baseline frontier, or one rate for a lever sweep.
         out: the output folder; rerunning with the same folder skips finished cells.
         presets: a YAML file of user presets (``name: {callbacks: [...], model: {...}, lr_scale, start}``).
         baseline: the presets whose WiSE-FT curves make the frontier (must include ``ft``; add ``lpft`` when the
@@ -80,6 +83,7 @@ def compare(
         alphas=list(DEFAULT_ALPHAS if alphas is None else alphas),
         wiseft_alpha=wiseft_alpha,
         eval_batches=eval_batches,
+        method_lrs={name: list(rates) for name, rates in (method_lrs or {}).items()},
     )
     check_grid(grid)
     cells = shard_cells(grid.cells(), None if summarize_only else shard)

@@ -37,6 +37,17 @@ def _override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def _method_rates(text: str) -> tuple[str, list[float]]:
+    name, sep, values = text.partition("=")
+    try:
+        rates = [float(value) for value in values.split(",")]
+    except ValueError:
+        rates = []
+    if not sep or not name or not rates:
+        raise argparse.ArgumentTypeError(f"{text!r} is not METHOD=LR[,LR...] (e.g. ft=1e-4,3e-4,1e-3)")
+    return name, rates
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``robustft compare`` argument parser."""
     p = argparse.ArgumentParser(
@@ -49,6 +60,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["ft"], help="presets, <method>+wiseft, wiseft, greedy_soup")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="learning rates (default: the config's)")
+    p.add_argument(
+        "--method-lrs",
+        nargs="+",
+        type=_method_rates,
+        default=[],
+        metavar="METHOD=LR[,LR]",
+        help="a method's own rates instead of --lrs, unscaled (e.g. ft=1e-4,3e-4,1e-3 gmixout_p70=1e-3)",
+    )
     p.add_argument("--out", default="robustft_compare", help="output folder (a rerun skips finished cells)")
     p.add_argument("--presets", default=None, help="YAML file of your own presets")
     p.add_argument("--baseline", nargs="+", default=["ft"], help="presets whose WiSE-FT curves form the frontier")
@@ -80,6 +99,7 @@ def compare_main(argv: Sequence[str] | None = None) -> None:
             args.methods,
             seeds=args.seeds,
             lrs=args.lrs,
+            method_lrs=dict(args.method_lrs),
             out=args.out,
             presets=args.presets,
             baseline=args.baseline,

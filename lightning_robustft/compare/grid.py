@@ -93,12 +93,14 @@ class Grid:
         methods: the compared methods.
         presets: every known preset by name.
         seeds: the seeds.
-        lrs: the learning rates (``None``: the base config's own).
+        lrs: the learning rates (``None``: the base config's own), each scaled by the preset's ``lr_scale``.
         out: the output folder.
         baseline: the presets whose WiSE-FT curves form the frontier.
         alphas: the WiSE-FT curve's coefficients (0, 1 and ``wiseft_alpha`` always included).
         wiseft_alpha: the coefficient of the ``+wiseft`` methods.
         eval_batches: evaluate at most this many batches of each set on the curve (``None``: whole sets).
+        method_lrs: ``{preset: rates}``: the presets that train at their own rates instead of ``lrs`` (taken as
+            given, not scaled), e.g. the frontier's ``ft`` at more rates than the methods, or a sweep at one rate.
     """
 
     config: dict[str, Any]
@@ -112,6 +114,7 @@ class Grid:
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     wiseft_alpha: float = 0.5
     eval_batches: int | None = None
+    method_lrs: Mapping[str, list[float]] = field(default_factory=dict)
 
     @property
     def trained(self) -> list[str]:
@@ -131,10 +134,20 @@ class Grid:
         cells = []
         for seed in self.seeds:
             for name in self.trained:
-                cells += [Cell(name, seed, lr) for lr in (self.lrs or [None])]
+                cells += [Cell(name, seed, lr) for lr in self.rates(name)]
             if self.wants_soup:
                 cells.append(Cell(SOUP, seed))
         return cells
+
+    def rates(self, preset: str) -> list[float | None]:
+        """The learning rates a preset trains at: its own (``method_lrs``), else ``lrs``, else the config's."""
+        return list(self.method_lrs.get(preset) or self.lrs or [None])
+
+    def effective_lr(self, cell: Cell) -> float | None:
+        """The rate a trained cell uses: its own rates as given, the grid's scaled by the preset's ``lr_scale``."""
+        if cell.lr is None or cell.method in self.method_lrs:
+            return cell.lr
+        return cell.lr * self.presets[cell.method].lr_scale
 
     def cell_dir(self, cell: Cell) -> Path:
         """``OUT/cells/<cell key>``."""
@@ -150,8 +163,9 @@ class Grid:
             data_args["seed"] = cell.seed
         model_args = config["model"].setdefault("init_args", {})
         model_args.update(copy.deepcopy(dict(preset.model)))
-        if cell.lr is not None:
-            _set_lr(model_args, cell.lr * preset.lr_scale)
+        lr = None if cell.method == SOUP else self.effective_lr(cell)
+        if lr is not None:
+            _set_lr(model_args, lr)
         trainer = config.setdefault("trainer", {})
         trainer["default_root_dir"] = str(self.cell_dir(cell))
         trainer["enable_progress_bar"] = False
@@ -168,7 +182,7 @@ class Grid:
         del config["trainer"]["default_root_dir"]  # the folder may move; what it holds does not change
         what: dict[str, Any] = {"config": config, "alphas": self.alphas, "eval_batches": self.eval_batches}
         if cell.method == SOUP:
-            what["ingredients"] = [Cell("ft", cell.seed, lr).key for lr in (self.lrs or [None])]
+            what["ingredients"] = [Cell("ft", cell.seed, lr).key for lr in self.rates("ft")]
         else:
             what["start"] = self.presets[cell.method].start
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -243,11 +257,15 @@ def check_grid(grid: Grid) -> None:
     model_class = import_class(grid.config["model"]["class_path"], "model.class_path")
     for name in grid.trained:
         check_preset(grid.presets[name], model_class)
-    for lr in grid.lrs or []:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise RobustFTConfigError(f"--lrs: {lr!r} is not a learning rate (a finite number > 0).")
-    if grid.lrs is not None and len(set(grid.lrs)) != len(grid.lrs):
-        raise RobustFTConfigError(f"--lrs {grid.lrs} repeats a value.")
+    _check_rates("--lrs", grid.lrs)
+    for name, rates in grid.method_lrs.items():
+        if name not in grid.trained:
+            raise RobustFTConfigError(
+                f"--method-lrs names {name!r}, which this grid does not train; its trained methods are {grid.trained}."
+            )
+        _check_rates(f"--method-lrs {name}", rates)
+        if not rates:
+            raise RobustFTConfigError(f"--method-lrs {name}: give at least one rate, e.g. {name}=1e-3.")
     if not grid.seeds or len(set(grid.seeds)) != len(grid.seeds):
         raise RobustFTConfigError(f"--seeds {grid.seeds}: give distinct integer seeds, e.g. `--seeds 0 1 2`.")
     if "ft" not in grid.baseline:
@@ -262,7 +280,7 @@ def check_grid(grid: Grid) -> None:
     grid.alphas = sorted({0.0, 1.0, float(grid.wiseft_alpha), *map(float, grid.alphas)})
     if grid.eval_batches is not None and (not isinstance(grid.eval_batches, int) or grid.eval_batches < 1):
         raise RobustFTConfigError(f"eval_batches={grid.eval_batches!r}: give an integer >= 1, or None (whole sets).")
-    if grid.lrs is not None:
+    if grid.lrs is not None or grid.method_lrs:
         model_args = grid.config["model"].get("init_args") or {}
         if not isinstance(model_args.get("optimizer"), (dict, str)) and "lr" not in _parameters(model_class):
             raise RobustFTConfigError(
@@ -276,6 +294,14 @@ def check_grid(grid: Grid) -> None:
                 f"{result} was written by a different grid (another base config, preset, alphas or soup): results "
                 f"would mix two experiments. Use a new --out, or delete {grid.cell_dir(cell)} to rerun that cell."
             )
+
+
+def _check_rates(option: str, rates: Sequence[Any] | None) -> None:
+    for lr in rates or []:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise RobustFTConfigError(f"{option}: {lr!r} is not a learning rate (a finite number > 0).")
+    if rates is not None and len(set(rates)) != len(rates):
+        raise RobustFTConfigError(f"{option} {list(rates)} repeats a value.")
 
 
 def _parameters(cls: type) -> list[str]:
@@ -356,7 +382,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _soup_ingredients(grid: Grid, soup: Cell) -> list[Cell]:
-    return [Cell("ft", soup.seed, lr) for lr in (grid.lrs or [None])]
+    return [Cell("ft", soup.seed, lr) for lr in grid.rates("ft")]
 
 
 def run_cell(grid: Grid, cell: Cell) -> dict[str, Any]:
@@ -393,9 +419,8 @@ def run_cell(grid: Grid, cell: Cell) -> dict[str, Any]:
 
 def _hparams(grid: Grid, cell: Cell) -> dict[str, Any]:
     """The cell's searched hyperparameters (the learning rate it trained at)."""
-    if cell.method == SOUP or cell.lr is None:
-        return {}
-    return {"lr": cell.lr * grid.presets[cell.method].lr_scale}
+    lr = None if cell.method == SOUP else grid.effective_lr(cell)
+    return {} if lr is None else {"lr": lr}
 
 
 def _settings(grid: Grid, cell: Cell) -> str:
