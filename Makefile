@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test lint docs demo compare-demo bench clean
+.PHONY: install test lint docs demo compare-demo bench benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ compare-demo: install  # methods on the ID-OOD plane: WiSE-FT curves, frontier g
 
 bench: install
 	$(BIN)/python benchmarks/gmixout.py
+
+benchmark: install  # the results page (docs/results.md): robustft compare grids, 3 seeds, ~30 min on 2 cores
+	$(BIN)/python benchmarks/frontier.py --docs docs/results
 
 clean:
 	rm -rf $(VENV) site lightning_logs robustft_logs .pytest_cache

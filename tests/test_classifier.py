@@ -106,6 +106,36 @@ def test_default_optimizer_and_warmup_cosine_schedule(image_folders, tmp_path):
     assert lrs[3:] == sorted(lrs[3:], reverse=True) and lrs[-1] < 0.01
 
 
+@pytest.mark.parametrize("injected", [False, True])
+def test_head_lr_scale_gives_the_head_its_own_rate_through_the_schedule(injected):
+    optimizer = (lambda groups: torch.optim.SGD(groups, lr=0.2, weight_decay=0.05)) if injected else None
+    model = ImageClassifier(
+        TinyBackbone(), num_classes=3, lr=0.2, warmup_steps=0, head_lr_scale=10.0, optimizer=optimizer
+    )
+    model.trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    head = {id(p) for p in model.head.parameters()}
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1 and group.get("head", False) == in_head.pop()
+        assert group["lr"] == pytest.approx(2.0 if group.get("head") else 0.2)
+        assert group["weight_decay"] == (
+            0.0 if group["params"][0].ndim < 2 else pytest.approx(0.05 if injected else 0.1)
+        )
+    assert sum(len(g["params"]) for g in optimizer.param_groups if g.get("head")) == 2  # weight and bias
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    rates = {bool(g.get("head")): g["lr"] for g in optimizer.param_groups}
+    assert rates[True] == pytest.approx(10 * rates[False]) and rates[False] < 0.2  # the cosine scales both
+    plain = ImageClassifier(TinyBackbone(), num_classes=3)
+    plain.trainer = model.trainer
+    assert len(plain.configure_optimizers()["optimizer"].param_groups) == 2  # as before: old checkpoints resume
+    with pytest.raises(RobustFTConfigError, match="head_lr_scale"):
+        ImageClassifier(TinyBackbone(), num_classes=3, head_lr_scale=0)
+
+
 def test_checkpoint_round_trip_is_a_plain_model(tmp_path):
     model = ImageClassifier("timm:test_resnet:random", num_classes=3, val_sets=["id", "ood"])
     trainer = L.Trainer(accelerator="cpu", logger=False, max_epochs=0)

@@ -7,7 +7,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_robustft.compare.grid import Grid, check_grid, load_base_config, load_results, run_cells, shard_cells
+from lightning_robustft.compare.grid import (
+    Grid,
+    check_grid,
+    is_finished,
+    load_base_config,
+    load_results,
+    run_cells,
+    shard_cells,
+)
 from lightning_robustft.compare.presets import load_presets, resolve_methods
 from lightning_robustft.compare.summary import markdown, plot_frontier, summarize, write_json
 from lightning_robustft.errors import RobustFTConfigError
@@ -32,6 +40,7 @@ def compare(
     overrides: Mapping[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
     summarize_only: bool = False,
+    dry_run: bool = False,
     command: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
@@ -61,11 +70,13 @@ def compare(
         overrides: ``{"trainer.max_epochs": 3, ...}`` applied to the base config (dotted keys).
         shard: ``(i, N)``: run only every N-th cell from the i-th; several shards can share ``out``.
         summarize_only: run nothing but the soups whose ingredients are finished, then write the summary.
+        dry_run: check everything, list the cells (the shard's) and how many are finished, run nothing.
         command: the command line to record in ``summary.md``.
         echo: where progress lines go.
 
     Returns:
-        The summary (as in ``summary.json``), or ``None`` for a shard (run ``summarize_only`` after all shards).
+        The summary (as in ``summary.json``), or ``None`` for a shard (run ``summarize_only`` after all shards)
+        and a dry run.
 
     Raises:
         RobustFTConfigError: a bad method, preset, hyperparameter, seed list or shard, before any training starts.
@@ -87,6 +98,12 @@ def compare(
     )
     check_grid(grid)
     cells = shard_cells(grid.cells(), None if summarize_only else shard)
+    if dry_run:
+        finished = [cell for cell in cells if is_finished(grid, cell)]
+        echo(f"compare: {len(cells)} cells, {len(finished)} finished, {len(cells) - len(finished)} to run:")
+        for cell in cells:
+            echo(f"  {cell.key}{' (finished)' if cell in finished else ''}")
+        return None
     grid.out.mkdir(parents=True, exist_ok=True)
     report = run_cells(grid, cells, derived_only=summarize_only, echo=echo)
     if shard is not None and not summarize_only:

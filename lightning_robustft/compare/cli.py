@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE")
     p.add_argument("--shard", type=_shard, default=None, metavar="i/N", help="run every N-th cell from the i-th")
     p.add_argument("--summarize", action="store_true", help="no training: merge the shards' cells and summarise")
+    p.add_argument("--dry-run", action="store_true", help="check the grid and list its cells; train nothing")
     p.add_argument("--list-presets", action="store_true", help="print the known presets and exit")
     return p
 
@@ -109,6 +110,7 @@ def compare_main(argv: Sequence[str] | None = None) -> None:
             overrides=dict(args.overrides),
             shard=args.shard,
             summarize_only=args.summarize,
+            dry_run=args.dry_run,
             command=shlex.join(["robustft", "compare", *(sys.argv[2:] if argv is None else argv)]),
         )
     except RobustFTConfigError as error:

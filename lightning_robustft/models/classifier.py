@@ -86,6 +86,9 @@ class ImageClassifier(LightningModule):
         weight_decay: weight decay of the default optimizer.
         warmup_steps: warm-up of the default schedule, in optimizer steps (an ``int``) or as a fraction of all
             steps (a ``float`` in ``[0, 1)``).
+        head_lr_scale: the head trains at ``head_lr_scale`` times the learning rate of the rest (the default
+            optimizer's ``lr``, or the injected optimizer's): a new, random head often wants about 10x, so that it
+            fits quickly (an LP-FT probe converges in its few epochs) while the pretrained backbone moves slowly.
         freeze_backbone: train the head only (linear probing).
         print_table: print a per-set table at the end of each validation (rank zero, not during the sanity check).
         distill: distillation from the model at the start of fit: ``"none"``, ``"logits"`` (KD on the logits) or
@@ -113,6 +116,7 @@ class ImageClassifier(LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.1,
         warmup_steps: int | float = 0.1,
+        head_lr_scale: float = 1.0,
         freeze_backbone: bool = False,
         print_table: bool = True,
         distill: DistillMode = "none",
@@ -132,6 +136,7 @@ class ImageClassifier(LightningModule):
                 f"`warmup_steps`={warmup_steps}: give a number of steps (int >= 0) or a fraction in [0, 1) (float)."
             )
         _check_distill(distill, distill_weight, distill_temperature)
+        check_config_number("head_lr_scale", head_lr_scale, "(0, inf)", hint="1 trains the head at the model's rate")
 
         built = build_backbone(backbone, feature_dim)
         self.backbone = built.module
@@ -270,13 +275,17 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The injected optimizer / scheduler factories, or AdamW + warm-up cosine by default."""
-        groups = _decay_groups(self)
+        head_scale = self.hparams.get("head_lr_scale", 1.0)
+        groups = _decay_groups(self, head=self.head if head_scale != 1.0 else None)
         if not groups:
             raise RobustFTConfigError("No parameter requires gradients: nothing to optimise.")
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(groups)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        for group in optimizer.param_groups:  # before the scheduler, which records each group's starting rate
+            if group.get("head"):
+                group["lr"] *= head_scale
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
@@ -400,14 +409,23 @@ def _compute_and_reset(collection: Any) -> dict[str, float]:
     return values
 
 
-def _decay_groups(module: nn.Module) -> list[dict[str, Any]]:
+def _decay_groups(module: nn.Module, head: nn.Module | None = None) -> list[dict[str, Any]]:
     """Parameter groups with no weight decay on biases, norms and scales (decaying them hurts fine-tuning).
 
-    The decayed group carries no ``weight_decay`` key, so an injected optimizer's own ``weight_decay`` applies.
+    The decayed group carries no ``weight_decay`` key, so an injected optimizer's own ``weight_decay`` applies. With
+    ``head``, its parameters get groups of their own marked ``"head": True`` (for their own learning rate); without,
+    the two groups are those of earlier versions, so their checkpoints resume.
     """
-    decay, no_decay = [], []
+    head_ids = {id(param) for param in head.parameters()} if head is not None else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in module.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+            groups.setdefault((id(param) in head_ids, param.ndim >= 2), []).append(param)
+    built = []
+    for in_head in (False, True):
+        for decayed in (True, False):
+            params = groups.get((in_head, decayed))
+            if params:
+                group: dict[str, Any] = {"params": params, **({} if decayed else {"weight_decay": 0.0})}
+                built.append({**group, "head": True} if in_head else group)
+    return built
