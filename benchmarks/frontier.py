@@ -2,6 +2,7 @@
 
     python benchmarks/frontier.py --docs docs/results        # the whole benchmark (make benchmark), ~30 min on 2 cores
     python benchmarks/frontier.py --studies outline --seeds 0 --set trainer.max_epochs=1   # a smoke run
+    python benchmarks/frontier.py --summarize --docs docs/results   # the docs' files again, from finished runs
 
 Each study of ``benchmarks/frontier.yaml`` is one ``robustft compare`` command over a demo config (both demo
 settings, a start without a zero-shot head, a longer run; every method, GMixout's levers, 3 seeds). Its cells are
@@ -57,15 +58,14 @@ def compare_argv(spec: Mapping[str, Any], study: Mapping[str, Any], out: Path, s
     return argv
 
 
-def run_study(argv: list[str], jobs: int, extra_sets: Sequence[str], log_dir: Path) -> float:
-    """Run the study's shards side by side, then summarise; the wall time in seconds."""
-    argv = [*argv, *(item for value in extra_sets for item in ("--set", value))]
+def run_study(argv: list[str], jobs: int, log_dir: Path, summarize_only: bool = False) -> float:
+    """Run the study's shards side by side (none with ``summarize_only``), then summarise; the wall time in s."""
     command = [sys.executable, "-m", "lightning_robustft.console", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), "HF_HUB_OFFLINE": "1"}
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     shards = []
-    for index in range(jobs):
+    for index in range(0 if summarize_only else jobs):
         log = open(log_dir / f"shard{index}.log", "w")  # noqa: SIM115 - closed after the shard ends
         shard = [*command, "--shard", f"{index}/{jobs}"]
         shards.append((subprocess.Popen(shard, stdout=log, stderr=log, env=env), log))
@@ -100,34 +100,40 @@ def write_docs(spec: Mapping[str, Any], name: str, out: Path, docs: Path) -> Non
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=SPEC, help="the studies (default benchmarks/frontier.yaml)")
-    parser.add_argument("--out", type=Path, default=ROOT / "robustft_logs" / "benchmark")
+    parser.add_argument("--out", type=Path, default=ROOT / "robustft_logs" / "benchmark", help="compare's folders")
     parser.add_argument("--docs", type=Path, default=None, help="write the results page's files here")
     parser.add_argument("--studies", nargs="+", default=None, help="run only these studies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="instead of the spec's seeds")
     parser.add_argument("--jobs", type=int, default=2, help="shards run side by side (default 2)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--summarize", action="store_true", help="train nothing: summarise finished studies again")
     args = parser.parse_args(argv)
+    out = Path(os.path.relpath(args.out.resolve(), ROOT))  # as the studies' commands will show it
     spec = yaml.safe_load(args.spec.read_text())
     names = args.studies or list(spec["studies"])
     unknown = sorted(set(names) - set(spec["studies"]))
     if unknown:
         parser.error(f"unknown studies {unknown}; the spec has {list(spec['studies'])}")
     seeds = args.seeds or spec["seeds"]
+    docs = None if args.docs is None else args.docs.resolve()
     os.chdir(ROOT)  # the spec's paths are relative to the repository
     times: dict[str, float] = {}
     for name in names:
         study = spec["studies"][name]
-        argv_study = compare_argv(spec, study, args.out / name, seeds)
+        argv_study = compare_argv(spec, study, out / name, seeds)
+        argv_study += [item for value in args.sets for item in ("--set", value)]
         print(f"[{name}] robustft {shlex.join(argv_study)}", flush=True)
-        times[name] = run_study(argv_study, args.jobs, args.sets, args.out / name / "logs")
+        times[name] = run_study(argv_study, args.jobs, out / name / "logs", args.summarize)
         print(f"[{name}] {times[name] / 60:.1f} min", flush=True)
-        if args.docs is not None:
-            args.docs.mkdir(parents=True, exist_ok=True)
-            write_docs(spec, name, args.out / name, args.docs)
+        if docs is not None:
+            docs.mkdir(parents=True, exist_ok=True)
+            write_docs(spec, name, out / name, docs)
+    if args.summarize:
+        return
     total = sum(times.values())
     lines = ["| study | cells | wall time |", "| --- | --- | --- |"]
     for name, seconds in times.items():
-        cells = len(list((args.out / name / "cells").glob("*/result.json")))
+        cells = len(list((out / name / "cells").glob("*/result.json")))
         lines.append(f"| {name} | {cells} | {seconds / 60:.1f} min |")
     lines.append(f"| **all** | | **{total / 60:.1f} min** |")
     command = shlex.join(["python", "benchmarks/frontier.py", *(sys.argv[1:] if argv is None else argv)])
@@ -135,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine += f", lightning {lightning.__version__}"
     table = "\n".join(lines) + f"\n\n`{command}`, {args.jobs} shards side by side ({machine}).\n"
     print(table)
-    if args.docs is not None:
-        (args.docs / "frontier_time.md").write_text(table)
+    if docs is not None:
+        (docs / "frontier_time.md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,17 @@ def test_selection_reads_id_validation_only_and_ties_go_to_the_smaller_lr() -> N
     assert select_setting({0.1: runs[3e-4], 0.01: runs[1e-3]}, alpha=0.5) == 0.01
 
 
+
+def test_wiseft_row_mixes_the_method_selected_on_its_own_endpoint() -> None:
+    results = [
+        _result("ft", 0.1, 0, [(0.5, 0.9, 0), (0.80, 0.80, 0), (0.90, 0.5, 0)]),  # best endpoint on ID
+        _result("ft", 1.0, 0, [(0.5, 0.9, 0), (0.85, 0.60, 0), (0.70, 0.4, 0)]),  # best alpha-0.5 point on ID
+    ]
+    summary = summarize(results, [Method("ft", "ft"), Method("wiseft", "ft", wiseft=True)], ["ft"], wiseft_alpha=0.5)
+    assert summary["methods"]["ft"]["selected"] == {"lr": 0.1}
+    assert summary["methods"]["wiseft"]["selected"] == {"lr": 0.1, "wiseft_alpha": 0.5}
+    assert summary["methods"]["wiseft"]["ood_avg"] == pytest.approx(80.0)
+
 def _result(method: str, lr: float | None, seed: int, curve: list[tuple[float, float, float]]) -> dict[str, Any]:
     rows = [
         {"alpha": a, "id_val": x, "id_test": x, "ood_avg": y, "sets": {"id": x, "ood": y}}

@@ -2,7 +2,8 @@
 
 Selection reads only the ``id_val`` column of each finished cell: every setting (learning rate) of a method is
 scored by its mean ID validation accuracy over seeds and the best one is kept (ties: the smaller rate). OOD numbers
-are only *reported* for the selected setting, never compared to choose.
+are only *reported* for the selected setting, never compared to choose. A ``<method>+wiseft`` row is the method's
+selected model mixed with its start (fine-tune as usual, then interpolate), not a separate selection.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def summarize(
         if not runs:
             continue
         alpha = wiseft_alpha if method.wiseft else 1.0
-        lr = select_setting(runs, alpha)
+        # `+wiseft` is WiSE-FT as the paper does it: the method's selected model, then mixed with its start.
+        lr = select_setting(runs, 1.0)
         per_seed[method.name] = {
             r["seed"]: _seed_entry(_row_at(r["curve"], alpha), r["curve"], frontier[r["seed"]], id_key, fit)
             for r in sorted(runs[lr], key=lambda r: r["seed"])
