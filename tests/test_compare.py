@@ -134,7 +134,6 @@ def test_selection_reads_id_validation_only_and_ties_go_to_the_smaller_lr() -> N
     assert select_setting({0.1: runs[3e-4], 0.01: runs[1e-3]}, alpha=0.5) == 0.01
 
 
-
 def test_wiseft_row_mixes_the_method_selected_on_its_own_endpoint() -> None:
     results = [
         _result("ft", 0.1, 0, [(0.5, 0.9, 0), (0.80, 0.80, 0), (0.90, 0.5, 0)]),  # best endpoint on ID
@@ -144,6 +143,7 @@ def test_wiseft_row_mixes_the_method_selected_on_its_own_endpoint() -> None:
     assert summary["methods"]["ft"]["selected"] == {"lr": 0.1}
     assert summary["methods"]["wiseft"]["selected"] == {"lr": 0.1, "wiseft_alpha": 0.5}
     assert summary["methods"]["wiseft"]["ood_avg"] == pytest.approx(80.0)
+
 
 def _result(method: str, lr: float | None, seed: int, curve: list[tuple[float, float, float]]) -> dict[str, Any]:
     rows = [
