@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
+from _repeated_batch import RepeatedBatch  # benchmarks/, the script's own folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
@@ -128,22 +129,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-class _Batches(torch.utils.data.Dataset):
-    """The same random batch over and over (no data-loading cost in the timing)."""
-
-    def __init__(self, size: int, image_size: int, steps: int) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(size, 3, image_size, image_size, generator=generator)
-        self.y = torch.randint(0, NUM_CLASSES, (size,), generator=generator)
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
-
-
 def held_bytes(obj: Any, exclude: set[int]) -> int:
     """Bytes of the distinct tensor storages reachable from ``obj``'s attributes, except those in ``exclude``."""
     seen: set[int] = set(exclude)
@@ -192,7 +177,7 @@ def fit_once(module: Classifier, model: str, setting: str, steps: int) -> tuple[
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    data = _Batches(batch_size(model, _device()), IMAGE_SIZE[model], steps)
+    data = RepeatedBatch(batch_size(model, _device()), IMAGE_SIZE[model], steps, NUM_CLASSES)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     times = [end - start for start, end in zip(timer.starts, timer.starts[1:], strict=False)]
     hooks = [clock.per_step.get(step, 0.0) if clock else 0.0 for step in range(len(times))]

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
+from _repeated_batch import RepeatedBatch  # benchmarks/, the script's own folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -94,20 +95,6 @@ class Classifier(LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=True)
-
-
-class _Batches(torch.utils.data.Dataset):
-    def __init__(self, batch: int, image_size: int, steps: int) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(batch, 3, image_size, image_size, generator=generator)
-        self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
 
 
 def _storage_bytes(tensors: Any, seen: set[int]) -> int:
@@ -200,7 +187,7 @@ def fit(
         "enable_model_summary": False,
         **trainer,
     }
-    data = torch.utils.data.DataLoader(_Batches(batch, IMAGE_SIZE[model], steps), batch_size=None)
+    data = torch.utils.data.DataLoader(RepeatedBatch(batch, IMAGE_SIZE[model], steps, NUM_CLASSES), batch_size=None)
     Trainer(callbacks=[*method_callbacks(model, setting), *extra], **options).fit(module, data)
 
 
