@@ -135,17 +135,19 @@ def reference_gmixout(
     resample_every: int,
     anchor_decay: float,
     accumulate: int = 1,
-) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """GMixout written out by hand: autograd through ``w~ = a + M*(w-a)/(1-p)``, the moving anchor, plain SGD.
+    clip: float | None = None,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """GMixout written out by hand: autograd through ``w~ = a + M*(w-a)/(1-p)``, the moving anchor, the model's SGD.
 
-    ``masks(period, index)`` gives the boolean keep-mask of target ``index``. Returns the gradient the optimizer saw at
-    every step and the final parameters.
+    ``masks(period, index)`` gives the boolean keep-mask of target ``index``; ``clip`` clips the gradient norm before
+    each step. Returns the gradient the optimizer saw at every step and the parameters after every step.
     """
     model = copy.deepcopy(model)
     params = dict(model.named_parameters())
     anchors = {name: params[name].detach().clone() for name in names}
     optimizer = model.configure_optimizers()
     grads: list[dict[str, torch.Tensor]] = []
+    after: list[dict[str, torch.Tensor]] = []
     anchor_period = 0
     for t in range(steps):
         period = t // resample_every
@@ -163,8 +165,11 @@ def reference_gmixout(
             loss = F.cross_entropy(functional_call(model, mixed, (x,)), y.long()) / accumulate
             loss.backward()
         grads.append({name: param.grad.detach().clone() for name, param in params.items()})
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-    return grads, params_of(model)
+        after.append(params_of(model))
+    return grads, after
 
 
 def assert_params_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], **tol: float) -> None:

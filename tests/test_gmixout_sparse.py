@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,6 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from _gmixout_helpers import (
     TinyClassifier,
     assert_params_close,
@@ -20,11 +18,11 @@ from _gmixout_helpers import (
     make_model,
     make_trainer,
     params_of,
+    reference_gmixout,
 )
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
-from torch.func import functional_call
 
 from lightning_robustft.callbacks._sparse_gmixout import PACKED_SUFFIX
 from lightning_robustft.callbacks.gmixout import ANCHORS_CHECKPOINT_KEY, GMixoutCallback
@@ -106,38 +104,19 @@ def reference(
     accumulate: int = 1,
     clip: float | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    """Dense GMixout by hand (autograd through ``w~ = a + M*(w-a)/(1-p)``), plain SGD, masks from the given subsets.
+    """Dense GMixout by hand (the shared reference), plain SGD, masks from the given subsets.
 
     Returns the dense gradients of ``w`` and the parameters after every step.
     """
-    model = copy.deepcopy(sgd_model())
-    params = dict(model.named_parameters())
-    anchors = {name: params[name].detach().clone() for name in TARGETS}
-    optimizer = torch.optim.SGD(model.parameters(), lr=model.lr)
-    grads, after = [], []
-    anchor_period = 0
-    for t in range(steps):
-        period = t // resample_every
-        if period > anchor_period:
-            for name in TARGETS:
-                anchors[name] = anchor_decay * anchors[name] + (1 - anchor_decay) * params[name].detach()
-            anchor_period = period
-        optimizer.zero_grad()
-        for micro in range(accumulate):
-            mixed = dict(params)
-            for i, name in enumerate(TARGETS):
-                keep = torch.zeros(params[name].numel())
-                keep[indices[period][i].long()] = 1.0
-                keep = keep.view_as(params[name])
-                mixed[name] = anchors[name] + keep * (params[name] - anchors[name]) / (1 - p)
-            x, y = batches[t * accumulate + micro]
-            (F.cross_entropy(functional_call(model, mixed, (x,)), y.long()) / accumulate).backward()
-        grads.append({name: param.grad.detach().clone() for name, param in params.items()})
-        if clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        after.append(params_of(model))
-    return grads, after
+    model = sgd_model()
+    shapes = {name: param.shape for name, param in model.named_parameters()}
+
+    def masks(period: int, index: int) -> torch.Tensor:
+        keep = torch.zeros(shapes[TARGETS[index]].numel(), dtype=torch.bool)
+        keep[indices[period][index].long()] = True
+        return keep.view(shapes[TARGETS[index]])
+
+    return reference_gmixout(model, batches, masks, TARGETS, steps, p, resample_every, anchor_decay, accumulate, clip)
 
 
 @pytest.mark.parametrize(
