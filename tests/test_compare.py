@@ -215,7 +215,16 @@ def test_user_presets_are_checked(tmp_path: Path) -> None:
     check_preset(presets["gmixout_p97"], ImageClassifier)
     assert presets["gmixout_p97"].callbacks[0]["init_args"] == {"p": 0.97}
     shipped = load_presets(Path(__file__).parents[1] / "configs" / "compare_presets.yaml")
-    for name in ("gmixout_p70", "gmixout_p97", "gmixout_k1", "gmixout_k100", "gmixout_beta1", "gmixout_beta90"):
+    for name in (
+        "gmixout_p70",
+        "gmixout_p97",
+        "gmixout_k1",
+        "gmixout_k10",
+        "gmixout_k100",
+        "gmixout_beta1",
+        "gmixout_beta99",
+        "gmixout_beta90",
+    ):
         check_preset(shipped[name], ImageClassifier)
     file.write_text(
         "bad:\n  callbacks:\n    - class_path: lightning_robustft.GMixoutCallback\n      init_args: {p: 1.5}\n"
