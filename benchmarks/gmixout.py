@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
-from _repeated_batch import RepeatedBatch  # benchmarks/, the script's own folder
+from _common import RepeatedBatch, reachable_tensors, storage_bytes  # benchmarks/, the script's own folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
@@ -131,27 +131,7 @@ def _sync() -> None:
 
 def held_bytes(obj: Any, exclude: set[int]) -> int:
     """Bytes of the distinct tensor storages reachable from ``obj``'s attributes, except those in ``exclude``."""
-    seen: set[int] = set(exclude)
-    total = 0
-    stack = [obj]
-    visited: set[int] = set()
-    while stack:
-        item = stack.pop()
-        if id(item) in visited:
-            continue
-        visited.add(id(item))
-        if isinstance(item, torch.Tensor):
-            storage = item.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__") and not isinstance(item, type):
-            stack.extend(vars(item).values())
-    return total
+    return storage_bytes(reachable_tensors(obj), set(exclude))
 
 
 def _device() -> str:

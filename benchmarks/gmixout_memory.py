@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
-from _repeated_batch import RepeatedBatch  # benchmarks/, the script's own folder
+from _common import RepeatedBatch, reachable_tensors, storage_bytes  # benchmarks/, the script's own folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -97,18 +97,6 @@ class Classifier(LightningModule):
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=True)
 
 
-def _storage_bytes(tensors: Any, seen: set[int]) -> int:
-    """Bytes of the distinct storages among ``tensors`` not yet in ``seen`` (which it updates)."""
-    total = 0
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
-
-
 def callback_tensors(callback: GMixoutCallback | None) -> list[torch.Tensor]:
     """The tensors a GMixout callback holds beyond the module: dense passes' anchors, buffers and bits; sparse
     anchors and indices (the packed tensors are module parameters)."""
@@ -116,21 +104,7 @@ def callback_tensors(callback: GMixoutCallback | None) -> list[torch.Tensor]:
         return []
     if callback.sparse_mixout is not None:
         return [t for target in callback.sparse_mixout.targets for t in (target.anchor, target.indices)]
-    stack, found, visited = [callback.passes], [], set()
-    while stack:  # every tensor reachable from the passes' attributes
-        item = stack.pop()
-        if id(item) in visited:
-            continue
-        visited.add(id(item))
-        if isinstance(item, torch.Tensor):
-            found.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__") and not isinstance(item, type):
-            stack.extend(vars(item).values())
-    return found
+    return reachable_tensors(callback.passes)  # anchors, buffers, bits
 
 
 class StateCounter(Callback):
@@ -147,10 +121,10 @@ class StateCounter(Callback):
         seen: set[int] = set()
         params = list(pl_module.parameters())
         self.counts = {
-            "params": _storage_bytes(params, seen),
-            "grads": _storage_bytes([p.grad for p in params], seen),
-            "optimizer": _storage_bytes([t for state in optimizer.state.values() for t in state.values()], seen),
-            "callback": _storage_bytes(callback_tensors(gmixout), seen),
+            "params": storage_bytes(params, seen),
+            "grads": storage_bytes([p.grad for p in params], seen),
+            "optimizer": storage_bytes([t for state in optimizer.state.values() for t in state.values()], seen),
+            "callback": storage_bytes(callback_tensors(gmixout), seen),
         }
 
 

@@ -275,7 +275,7 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The injected optimizer / scheduler factories, or AdamW + warm-up cosine by default."""
-        head_scale = self.hparams.get("head_lr_scale", 1.0)
+        head_scale = self.hparams.head_lr_scale
         groups = _decay_groups(self, head=self.head if head_scale != 1.0 else None)
         if not groups:
             raise RobustFTConfigError("No parameter requires gradients: nothing to optimise.")
